@@ -1,0 +1,158 @@
+"""The `secretfs-csi` command."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+from secretfs.csi import __version__, logs
+
+log = logging.getLogger("secretfs")
+
+DEFAULT_DRIVER_NAME = "secretfs.csi.io"
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="secretfs-csi",
+        description="Kubernetes CSI node plugin that serves Secrets as read-only files "
+                    "held only in locked memory.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the node plugin",
+        description="Serve the CSI Identity and Node services on a unix socket and the "
+                    "node's SecretFS filesystem. SIGTERM or SIGINT stops serving, wipes "
+                    "every secret buffer, unmounts the filesystem and exits 0.")
+    serve.add_argument("--endpoint", default="unix:///csi/csi.sock",
+                       help="unix socket the kubelet calls, as unix:///path "
+                            "(default: %(default)s); a stale socket file is replaced")
+    serve.add_argument("--node-id", required=True,
+                       help="this node's name, returned by NodeGetInfo")
+    serve.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME,
+                       help="CSI driver name; must match the CSIDriver object "
+                            "(default: %(default)s)")
+    serve.add_argument("--kubeconfig",
+                       help="kubeconfig for the API server; without it the in-cluster "
+                            "service account is used, else $KUBECONFIG or ~/.kube/config")
+    serve.add_argument("--kubelet-dir", default="/var/lib/kubelet",
+                       help="the kubelet's root directory; targets must lie under its pods/ "
+                            "folder (default: %(default)s)")
+    # TODO(#4): add `pod` (read with the pod's own service-account token) as the default.
+    serve.add_argument("--auth-mode", choices=["driver"], default="driver",
+                       help="whose credentials read Secrets: `driver` uses the driver's own, "
+                            "always confined to the pod's namespace (default: %(default)s)")
+    serve.add_argument("--state-dir", default="/run/secretfs",
+                       help="where the FUSE filesystem is mounted; a dead mount left there by "
+                            "a crashed run is cleared at start (default: %(default)s)")
+    serve.add_argument("--api-retry-budget", type=float, default=30.0, metavar="SECONDS",
+                       help="how long a publish keeps retrying an unreachable or failing API "
+                            "server before answering UNAVAILABLE (default: %(default)s)")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="text for people, json for one object per line "
+                            "(default: %(default)s)")
+    serve.add_argument("-v", "--verbose", action="count", default=0,
+                       help="debug logs; twice adds the libraries' own debug logs. "
+                            "Secret data and tokens are never logged")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.setup(args.log_format, args.verbose)
+    try:
+        return serve(args)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+
+
+class StartupError(Exception):
+    """A problem in the environment or the flags; reported without a traceback."""
+
+
+def prepare_state_dir(path: str) -> None:
+    """Make `path` an empty private directory, clearing a mount left by a crashed run."""
+    from secretfs.csi import mounts
+
+    if mounts.is_mountpoint(path):
+        log.warning("clearing a mount left at %s by an earlier run", path)
+        mounts.unmount(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"state dir {path}: {exc.strerror}") from None
+    if os.listdir(path):
+        raise StartupError(f"state dir {path} is not empty")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from secretfs.csi.identity import IdentityService
+    from secretfs.csi.kube import SecretReader, connect
+    from secretfs.csi.node import NodeService
+    from secretfs.csi.server import serve as serve_grpc
+    from secretfs.fs.filesystem import SecretFS
+    from secretfs.fs.session import FuseSession
+
+    if os.geteuid() != 0:
+        raise StartupError("serve needs root: it mounts a FUSE filesystem and bind mounts")
+    if not os.path.exists("/dev/fuse"):
+        raise StartupError("/dev/fuse is missing; the container needs the host's /dev/fuse")
+    state_dir = os.path.abspath(args.state_dir)
+    prepare_state_dir(state_dir)
+    try:
+        api = connect(args.kubeconfig)
+    except Exception as exc:  # the client raises a variety of types for bad configs
+        raise StartupError(f"no usable Kubernetes credentials: {exc}") from None
+    reader = SecretReader(api, budget=args.api_retry_budget)
+
+    session = FuseSession(SecretFS(), state_dir)
+    try:
+        session.start()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        raise StartupError(f"cannot mount the FUSE filesystem at {state_dir}: {exc}") from None
+
+    node = NodeService(args.node_id, os.path.abspath(args.kubelet_dir), session, reader)
+    identity = IdentityService(args.driver_name, lambda: session.alive)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server = serve_grpc(args.endpoint, identity, node)
+    except (OSError, ValueError) as exc:
+        session.stop()
+        raise StartupError(str(exc)) from None
+    log.info("secretfs %s ready: driver %s on node %s", __version__, args.driver_name,
+             args.node_id)
+
+    while not stop.wait(1.0):
+        if not session.alive:
+            log.critical("the FUSE session ended; exiting so the node plugin restarts")
+            break
+    fuse_died = not stop.is_set()
+
+    server.stop(grace=5).wait()
+    session.stop()
+    _remove_socket(args.endpoint)
+    log.info("stopped: %d volumes were published", node.published_count())
+    return 1 if fuse_died else 0
+
+
+def _remove_socket(endpoint: str) -> None:
+    from secretfs.csi.server import socket_path
+
+    try:
+        os.unlink(socket_path(endpoint))
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("could not remove the socket: %s", exc.strerror)

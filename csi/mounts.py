@@ -1,0 +1,137 @@
+"""Bind mounts onto the kubelet's target paths, and the mount table.
+
+Everything here issues system calls that may touch the FUSE mount, so it
+must only ever run on a gRPC worker or the main thread, never on the FUSE
+thread (see secretfs.fs.session). Whether a path is a mount point is read
+from /proc/self/mountinfo rather than found by stat(2), which blocks or
+fails with ENOTCONN on a dead FUSE mount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+
+# The FUSE mount itself is already read-only, nosuid, nodev and noexec; the
+# bind mount repeats the flags so the target is safe on its own.
+TARGET_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+# Errors that mean the FUSE server behind a mount is gone or wedged: such a
+# mount cannot be unmounted normally, only detached.
+_DETACH_ON = (errno.ENOTCONN, errno.EIO, errno.EBUSY, errno.ESTALE)
+
+# More mounts than this stacked on one target is not our doing; stop there.
+_MAX_STACK = 16
+
+
+@dataclass(frozen=True, slots=True)
+class MountInfo:
+    mount_id: int
+    root: str
+    mountpoint: str
+    fstype: str
+    source: str
+    options: frozenset[str]
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    raw = field.encode()
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode(errors="surrogateescape")
+
+
+def mount_table(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+    table = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            table.append(MountInfo(
+                mount_id=int(fields[0]),
+                root=_unescape(fields[3]),
+                mountpoint=_unescape(fields[4]),
+                options=frozenset(fields[5].split(",")),
+                fstype=fields[sep + 1],
+                source=_unescape(fields[sep + 2]),
+            ))
+    return table
+
+
+def mounts_at(path: str) -> list[MountInfo]:
+    """Every mount stacked on `path`, bottom first."""
+    return [m for m in mount_table() if m.mountpoint == path]
+
+
+def is_mountpoint(path: str) -> bool:
+    return bool(mounts_at(path))
+
+
+def _check(result: int, what: str, path: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what} {path}: {os.strerror(err)}")
+
+
+def bind_read_only(source: str, target: str) -> None:
+    """Bind-mount `source` onto `target`, then make that mount read-only.
+
+    A bind mount takes its flags only on a second, remounting call; if that
+    call fails the half-made writable mount is removed before raising.
+    """
+    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
+           "bind mount onto", target)
+    try:
+        _check(_libc.mount(None, target.encode(), None, MS_BIND | MS_REMOUNT | TARGET_FLAGS,
+                           None), "read-only remount of", target)
+    except OSError:
+        _libc.umount2(target.encode(), MNT_DETACH)
+        raise
+
+
+def unmount(path: str) -> int:
+    """Unmount everything stacked on `path`; returns how many mounts went.
+
+    A mount whose FUSE server died or is busy is detached lazily: the kernel
+    removes it from the tree now and frees it once its last user leaves.
+    """
+    count = 0
+    for _ in range(_MAX_STACK):
+        if not is_mountpoint(path):
+            return count
+        if _libc.umount2(path.encode(), 0) != 0:
+            err = ctypes.get_errno()
+            if err not in _DETACH_ON:
+                raise OSError(err, f"unmount {path}: {os.strerror(err)}")
+            log.warning("detaching mount at %s lazily: %s", path, os.strerror(err))
+            _check(_libc.umount2(path.encode(), MNT_DETACH), "detach of", path)
+        count += 1
+    raise OSError(errno.EBUSY, f"unmount {path}: still mounted after {_MAX_STACK} unmounts")

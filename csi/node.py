@@ -1,0 +1,275 @@
+"""The CSI Node service: publish a Secret at a pod's target path, and take it away.
+
+NodePublishVolume goes: validate, check idempotency, read the Secret, add a
+volume directory to the node's FUSE filesystem, create the target directory,
+bind-mount the volume directory onto it read-only. Each step that changes
+the node registers its undo first, so a failure at any step unwinds the
+steps before it and leaves no mount, directory or buffer behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from secretfs.fs.buffer import SecretBuffer
+from secretfs.fs.session import FuseSession
+from secretfs.fs.tree import Layout
+
+from . import mounts
+from .errors import CsiError
+from .kube import FetchError, SecretReader
+from .pb import csi_pb2, csi_pb2_grpc
+from .validation import PublishSpec, check_publish, check_target_path, check_volume_id
+
+log = logging.getLogger(__name__)
+
+# The file system type our bind mounts show in /proc/self/mountinfo.
+FSTYPE = "fuse.secretfs"
+
+# Directories the driver creates for a target are private to root: the pod
+# sees the volume through the mount on top, not through these.
+TARGET_DIR_MODE = 0o750
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    spec: PublishSpec
+    volume_dir: str  # the volume's directory name inside the FUSE filesystem
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
+    def __init__(self, node_id: str, kubelet_dir: str, session: FuseSession,
+                 reader: SecretReader) -> None:
+        self._node_id = node_id
+        self._pods_dir = os.path.join(kubelet_dir, "pods")
+        self._session = session
+        self._reader = reader
+        self._lock = threading.Lock()
+        self._published: dict[str, Publication] = {}  # by volume id
+        self._inflight: set[str] = set()  # volume ids and targets being worked on
+        self._serial = itertools.count(1)
+
+    # ---- information ----------------------------------------------------
+
+    def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(node_id=self._node_id)
+
+    def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
+                            context: grpc.ServicerContext
+                            ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        # No staging, no stats, no expansion: publish and unpublish are all.
+        return csi_pb2.NodeGetCapabilitiesResponse()
+
+    def published_count(self) -> int:
+        with self._lock:
+            return len(self._published)
+
+    # ---- publish --------------------------------------------------------
+
+    def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodePublishVolumeResponse:
+        spec = check_publish(request, self._pods_dir)
+        with self._claim(spec.volume_id, spec.target_path):
+            with self._lock:
+                existing = self._published.get(spec.volume_id)
+                others = list(self._published.values())
+            if existing is not None and self._still_published(existing, spec):
+                return csi_pb2.NodePublishVolumeResponse()
+            for other in others:
+                if (other.spec.target_path == spec.target_path
+                        and other.spec.volume_id != spec.volume_id):
+                    raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"target {spec.target_path} already holds volume "
+                                   f"{other.spec.volume_id}")
+            self._publish(spec)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _still_published(self, existing: Publication, spec: PublishSpec) -> bool:
+        """True if a repeated request is already satisfied; raises if it conflicts."""
+        if existing.spec.target_path != spec.target_path:
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"volume {spec.volume_id} is already published at "
+                           f"{existing.spec.target_path}")
+        if existing.spec != spec:
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {spec.volume_id} is published at {spec.target_path} "
+                           "with different attributes")
+        if mounts.is_mountpoint(spec.target_path):
+            return True
+        # Someone unmounted it behind our back: drop the old copy, publish anew.
+        log.warning("volume %s lost its mount at %s; publishing again", spec.volume_id,
+                    spec.target_path)
+        self._forget(existing)
+        return False
+
+    def _publish(self, spec: PublishSpec) -> None:
+        try:
+            buffers = self._reader.read(spec.namespace, spec.secret_name)
+        except FetchError as exc:
+            raise CsiError(exc.code, str(exc)) from None
+        # Unique per publication, so a name the kernel still caches from an
+        # earlier publication of the same volume can never reach this one.
+        digest = hashlib.sha256(spec.volume_id.encode()).hexdigest()[:32]
+        volume_dir = f"{digest}.{next(self._serial)}"
+        with contextlib.ExitStack() as undo:
+            self._add_volume(volume_dir, buffers)
+            undo.callback(self._remove_volume, volume_dir)
+            self._clear_stale_mount(spec.target_path)
+            for created in reversed(self._make_target(spec.target_path)):
+                undo.callback(_rmdir_quietly, created)
+            try:
+                mounts.bind_read_only(os.path.join(self._session.mountpoint, volume_dir),
+                                      spec.target_path)
+            except OSError as exc:
+                raise CsiError(grpc.StatusCode.INTERNAL,
+                               f"mounting volume {spec.volume_id}: {exc.strerror}") from None
+            undo.pop_all()
+        with self._lock:
+            self._published[spec.volume_id] = Publication(spec, volume_dir)
+
+    def _add_volume(self, volume_dir: str, buffers: dict[str, SecretBuffer]) -> None:
+        try:
+            self._session.call(self._session.fs.add_volume, volume_dir, buffers, Layout())
+        except BaseException:
+            for buffer in buffers.values():
+                buffer.wipe()
+            raise
+
+    def _remove_volume(self, volume_dir: str) -> None:
+        if self._session.alive:
+            self._session.call(self._session.fs.remove_volume, volume_dir)
+
+    def _clear_stale_mount(self, target: str) -> None:
+        """Remove a SecretFS mount left at `target` by an earlier run of the driver."""
+        stacked = mounts.mounts_at(target)
+        if not stacked:
+            return
+        if any(m.fstype != FSTYPE for m in stacked):
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"target {target} is already a mount point of another filesystem")
+        log.warning("removing a stale SecretFS mount at %s", target)
+        self._unmount(target)
+
+    def _make_target(self, target: str) -> list[str]:
+        """Create `target` and any missing parents; returns the directories created."""
+        missing: list[str] = []
+        path = target
+        while not os.path.lexists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        # The deepest existing ancestor must really be inside the pods folder:
+        # a symlink along the way must not redirect the mount elsewhere.
+        real_pods = os.path.realpath(self._pods_dir)
+        real = os.path.realpath(path)
+        if real != real_pods and not real.startswith(real_pods + "/"):
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"target_path {target} resolves outside {self._pods_dir}")
+        if not missing and (os.path.islink(target) or not os.path.isdir(target)):
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"target {target} exists and is not a directory")
+        created: list[str] = []
+        try:
+            for directory in reversed(missing):
+                os.mkdir(directory, TARGET_DIR_MODE)
+                created.append(directory)
+        except OSError as exc:
+            for directory in reversed(created):
+                _rmdir_quietly(directory)
+            raise CsiError(grpc.StatusCode.INTERNAL,
+                           f"creating target {target}: {exc.strerror}") from None
+        return created
+
+    # ---- unpublish ------------------------------------------------------
+
+    def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
+                            context: grpc.ServicerContext
+                            ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        volume_id = check_volume_id(request.volume_id)
+        target = check_target_path(request.target_path, self._pods_dir)
+        with self._claim(volume_id, target):
+            stacked = mounts.mounts_at(target)
+            if any(m.fstype != FSTYPE for m in stacked):
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"target {target} is a mount point of another filesystem")
+            self._unmount(target)
+            with self._lock:
+                publication = self._published.get(volume_id)
+            if publication is not None and publication.spec.target_path == target:
+                self._forget(publication)
+            self._remove_target(target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _unmount(self, target: str) -> None:
+        try:
+            mounts.unmount(target)
+        except OSError as exc:
+            raise CsiError(grpc.StatusCode.INTERNAL,
+                           f"unmounting {target}: {exc.strerror}") from None
+
+    def _forget(self, publication: Publication) -> None:
+        self._remove_volume(publication.volume_dir)
+        with self._lock:
+            self._published.pop(publication.spec.volume_id, None)
+
+    def _remove_target(self, target: str) -> None:
+        try:
+            os.rmdir(target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise CsiError(grpc.StatusCode.INTERNAL,
+                               f"removing target {target}: {exc.strerror}") from None
+            # Files SecretFS did not put there: not ours to delete.
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"target {target} is not empty after unmount") from None
+
+    # ---- unsupported ----------------------------------------------------
+
+    def NodeStageVolume(self, request: object, context: grpc.ServicerContext) -> None:
+        raise _unsupported("NodeStageVolume")
+
+    def NodeUnstageVolume(self, request: object, context: grpc.ServicerContext) -> None:
+        raise _unsupported("NodeUnstageVolume")
+
+    def NodeExpandVolume(self, request: object, context: grpc.ServicerContext) -> None:
+        raise _unsupported("NodeExpandVolume")
+
+    def NodeGetVolumeStats(self, request: object, context: grpc.ServicerContext) -> None:
+        raise _unsupported("NodeGetVolumeStats")
+
+    # ---- concurrency ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _claim(self, *keys: str) -> Iterator[None]:
+        """Hold `keys` (a volume id and a target) for one call; ABORTED if another has them."""
+        with self._lock:
+            if any(key in self._inflight for key in keys):
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               "another operation on this volume or target is in progress")
+            self._inflight.update(keys)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight.difference_update(keys)
+
+
+def _unsupported(name: str) -> CsiError:
+    return CsiError(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by SecretFS")
+
+
+def _rmdir_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)

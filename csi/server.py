@@ -1,0 +1,122 @@
+"""The gRPC server on the kubelet's unix socket, with one log line per call."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from .errors import CsiError
+from .identity import IdentityService
+from .node import NodeService
+from .pb import csi_pb2_grpc
+from .validation import POD_NAME, POD_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+# Calls the kubelet and the sidecars make every few seconds: logged at debug.
+_ROUTINE = frozenset({"Probe", "GetPluginInfo", "GetPluginCapabilities", "NodeGetCapabilities",
+                      "NodeGetInfo"})
+
+# Publishes may wait on the API server; the kubelet runs only a few at once,
+# so a small pool is plenty and bounds the driver's threads.
+WORKERS = 8
+
+
+def socket_path(endpoint: str) -> str:
+    """The filesystem path of a `unix://` endpoint."""
+    for prefix in ("unix://", "unix:"):
+        if endpoint.startswith(prefix):
+            path = endpoint[len(prefix):]
+            if os.path.isabs(path):
+                return path
+    raise ValueError(f"endpoint {endpoint!r} is not unix:///absolute/path")
+
+
+def call_fields(request: Any) -> dict[str, str]:
+    """What one log line may say about a request: identifiers, never contents."""
+    fields = {}
+    for name in ("volume_id", "target_path"):
+        value = getattr(request, name, "")
+        if value:
+            fields[name] = value
+    context = getattr(request, "volume_context", None)
+    if context is not None and POD_NAMESPACE in context:
+        fields["pod"] = f"{context[POD_NAMESPACE]}/{context.get(POD_NAME, '')}"
+    return fields
+
+
+class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Logs every call once and turns CsiError and crashes into status codes."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def logged(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.monotonic()
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                return inner(request, context)
+            except CsiError as exc:
+                code, message = exc.code, exc.message
+            except Exception:
+                log.exception("%s failed unexpectedly", method)
+                code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the driver's log"
+            finally:
+                _log_call(method, request, code, message, time.monotonic() - start)
+            context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            logged, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def _log_call(method: str, request: Any, code: grpc.StatusCode, message: str,
+              seconds: float) -> None:
+    fields = call_fields(request)
+    fields.update(method=method, code=code.name, duration_ms=f"{seconds * 1000:.1f}")
+    if message:
+        fields["error"] = message
+    if code == grpc.StatusCode.OK:
+        level = logging.DEBUG if method in _ROUTINE else logging.INFO
+    elif code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        level = logging.ERROR
+    else:
+        level = logging.WARNING
+    text = " ".join(f"{key}={value}" for key, value in fields.items() if key != "method")
+    log.log(level, "%s %s", method, text, extra={"call": fields})
+
+
+def serve(endpoint: str, identity: IdentityService, node: NodeService) -> grpc.Server:
+    """Start serving on `endpoint`, replacing a stale socket left by an earlier run."""
+    path = socket_path(endpoint)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+            log.info("removed stale socket %s", path)
+        else:
+            raise FileExistsError(f"{path} exists and is not a socket")
+    except FileNotFoundError:
+        pass
+    server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
+                         interceptors=[CallLog()])
+    csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
+    csi_pb2_grpc.add_NodeServicer_to_server(node, server)
+    if server.add_insecure_port(f"unix:{path}") == 0:
+        raise OSError(f"cannot listen on {path}")
+    # Only root (the kubelet) may talk to the driver.
+    server.start()
+    os.chmod(path, 0o600)
+    log.info("CSI server listening on %s", path)
+    return server

@@ -1,0 +1,1 @@
+"""The FUSE side of SecretFS: secure buffers, volume trees and the filesystem."""

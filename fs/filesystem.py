@@ -1,0 +1,245 @@
+"""The node's one FUSE filesystem: a directory per published volume.
+
+Layout seen at the mount point (the driver's state directory)::
+
+    /                     0700 root: only the driver walks it
+    /<volume dir>/        one per publication, bind-mounted onto its target
+    /<volume dir>/<key>   one read-only file per Secret key
+
+Rules every handler keeps:
+
+* It returns a value or raises `FUSEError`. Anything else is caught once, by
+  `_guarded`, logged and answered EIO, because an exception escaping a handler
+  would end `pyfuse3.main()` and with it every volume on the node.
+* It makes no system call and never awaits: a handler runs start to finish on
+  the FUSE thread, so changes to the tree (made on the same thread through
+  `FuseSession.call`) never interleave with a request.
+* It never logs file contents, only inode numbers, sizes and counts.
+
+Known limits:
+
+* The kernel is not told when a volume disappears; its cached entries for
+  that volume expire on their own and meanwhile lead to ENOENT or ESTALE.
+* Lookup counts are not tracked: a volume's inodes live exactly as long as
+  the volume, whatever the kernel still remembers.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .buffer import SecretBuffer, WipedBufferError
+from .tree import Directory, File, Layout, Node, build_tree, make_attrs, walk
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The root lists volumes that come and go; let the kernel recheck it often.
+ROOT_TIMEOUT = 1.0
+
+
+def _guarded(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn any unexpected exception of a handler into EIO, once, here."""
+
+    @functools.wraps(handler)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except FUSEError:
+            raise
+        except Exception:
+            log.exception("FUSE %s failed unexpectedly; answering EIO", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+async def _read_only(*_: Any, **__: Any) -> Any:
+    raise FUSEError(errno.EROFS)
+
+
+class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
+    """pyfuse3 operations over all volumes of the node."""
+
+    # Lookups of "." and ".." are not answered; the kernel handles them.
+    supports_dot_lookup = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._next_fh = 1
+        now = time.time_ns()
+        self._root = Directory(pyfuse3.ROOT_INODE,
+                               make_attrs(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o700, 0, 0, 0,
+                                          now, ROOT_TIMEOUT))
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self._root}
+        self._files: dict[int, File] = {}  # open file handles
+        self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # open directory handles
+
+    # ---- changes, made on the FUSE thread only ------------------------------
+
+    def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> None:
+        """Expose `files` under `/<name>`. The filesystem owns the buffers from now on."""
+        key = name.encode()
+        if key in self._root.entries:
+            raise FileExistsError(name)
+        top = build_tree(files, layout, self._allocate_inode, time.time_ns())
+        for node in walk(top):
+            self._nodes[node.inode] = node
+        self._root.entries[key] = top
+
+    def remove_volume(self, name: str) -> bool:
+        """Hide `/<name>` and wipe its buffers. False if there was no such volume."""
+        top = self._root.entries.pop(name.encode(), None)
+        if not isinstance(top, Directory):
+            return False
+        for node in walk(top):
+            del self._nodes[node.inode]
+            if isinstance(node, File):
+                node.buffer.wipe()
+        return True
+
+    def remove_all(self) -> int:
+        names = [name.decode() for name in self._root.entries]
+        for name in names:
+            self.remove_volume(name)
+        return len(names)
+
+    def volume_names(self) -> list[str]:
+        return [name.decode() for name in self._root.entries]
+
+    def _allocate_inode(self) -> int:
+        inode = self._next_inode
+        self._next_inode += 1
+        return inode
+
+    def _node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return node
+
+    # ---- lookups and attributes --------------------------------------------
+
+    @_guarded
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if not isinstance(parent, Directory):
+            raise FUSEError(errno.ENOTDIR)
+        child = parent.entries.get(name)
+        if child is None:
+            raise FUSEError(errno.ENOENT)
+        return child.attrs
+
+    @_guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._node(inode).attrs
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Inodes live as long as their volume, not as long as the kernel's
+        # references; see "Known limits" above. Nothing here can fail.
+        return None
+
+    @_guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_files = len(self._nodes)
+        data.f_namemax = 255
+        return data
+
+    @_guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise FUSEError(errno.ENODATA)
+
+    @_guarded
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
+
+    # ---- directories -----------------------------------------------------
+
+    @_guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        directory = self._node(inode)
+        if not isinstance(directory, Directory):
+            raise FUSEError(errno.ENOTDIR)
+        # The root changes as volumes come and go, so each listing works on
+        # a snapshot; a volume's own directories never change.
+        listing = (sorted(directory.entries.items()) if directory is self._root
+                   else directory.listing)
+        fh = self._new_fh()
+        self._listings[fh] = listing
+        return fh
+
+    @_guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._listings.get(fh)
+        if listing is None:
+            raise FUSEError(errno.EBADF)
+        for index in range(start_id, len(listing)):
+            name, node = listing[index]
+            if not pyfuse3.readdir_reply(token, name, node.attrs, index + 1):
+                return
+
+    @_guarded
+    async def releasedir(self, fh: int) -> None:
+        self._listings.pop(fh, None)
+
+    # ---- files -------------------------------------------------------------
+
+    @_guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if isinstance(node, Directory):
+            raise FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EROFS)
+        if node.buffer.wiped:
+            raise FUSEError(errno.ESTALE)
+        fh = self._new_fh()
+        self._files[fh] = node
+        # direct_io: every read comes here, nothing lands in the page cache.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @_guarded
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
+        node = self._files.get(fh)
+        if node is None:
+            raise FUSEError(errno.EBADF)
+        try:
+            return node.buffer.view(off, size)
+        except WipedBufferError:
+            # The volume was unpublished while this file was open.
+            raise FUSEError(errno.ESTALE) from None
+
+    @_guarded
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # ---- every change is refused --------------------------------------------
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only
+
+    # No flush handler on purpose: the base class answers ENOSYS once and the
+    # kernel stops sending flush on every close.

@@ -1,0 +1,101 @@
+"""Run the one FUSE session of the process on a thread of its own.
+
+pyfuse3 serves a single session per process, driven by trio. That loop gets
+a dedicated thread, the FUSE thread; everything else (gRPC calls, signals,
+mounts) runs elsewhere and reaches the filesystem only through `call`, which
+runs a function on the FUSE thread between two requests.
+
+The split matters twice over. A system call that touches the mount (a bind
+mount of a source inside it, a stat, an umount) needs the FUSE thread to
+answer the kernel, so it must never run there. And tree changes made on the
+FUSE thread can never interleave with a request being served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from .filesystem import SecretFS
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# pyfuse3 starts one trio task per request in flight, up to this many.
+MAX_TASKS = 64
+
+
+class FuseSession:
+    def __init__(self, fs: SecretFS, mountpoint: str) -> None:
+        self.fs = fs
+        self.mountpoint = mountpoint
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fuse", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Mount and start serving; raises what the mount raised."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"FUSE session at {self.mountpoint} did not start in {timeout}s")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._token is not None
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on the FUSE thread and return its result."""
+        if self._token is None:
+            raise RuntimeError("the FUSE session is not running")
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """Wipe every volume, stop serving and unmount. Safe to call twice."""
+        if self._token is not None:
+            try:
+                wiped = self.call(self.fs.remove_all)
+                log.info("wiped %d volumes", wiped)
+                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
+            except (RuntimeError, trio.RunFinishedError):
+                log.warning("FUSE loop had already ended")
+        self._thread.join(timeout=10)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:  # noqa: BLE001 - reported to start() or the log
+            if not self._ready.is_set():
+                self._error = exc
+            else:
+                log.critical("FUSE loop ended with an error", exc_info=True)
+        finally:
+            self._token = None
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+        options |= {"fsname=secretfs", "subtype=secretfs", "allow_other", "ro", "nosuid",
+                    "nodev", "noexec"}
+        pyfuse3.init(self.fs, self.mountpoint, options)
+        try:
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            log.info("FUSE filesystem serving at %s", self.mountpoint)
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+        finally:
+            # Wipe whatever is left even when the loop died on its own.
+            self.fs.remove_all()
+            pyfuse3.close(unmount=True)
+            log.info("FUSE filesystem unmounted from %s", self.mountpoint)
