@@ -34,8 +34,9 @@ def socket_path(endpoint: str) -> str:
     for prefix in ("unix://", "unix:"):
         if endpoint.startswith(prefix):
             path = endpoint[len(prefix):]
-            if os.path.isabs(path):
+            if os.path.isabs(path) and not path.startswith("//"):
                 return path
+            break
     raise ValueError(f"endpoint {endpoint!r} is not unix:///absolute/path")
 
 

@@ -131,11 +131,13 @@ class SecretBuffer:
 def scrub_bytes(data: bytes) -> None:
     """Overwrite an immutable `bytes` temporary with zeros before it is freed.
 
-    Only for objects this module's callers created themselves and hold the
-    only reference to: a shared or interned object would change under its
-    other users.
+    Only for objects the caller created itself and holds the only reference
+    to: a shared object would change under its other users. CPython shares
+    every bytes object of length 0 and 1 (one cached object per byte value),
+    so those are left alone; one byte of a secret is not worth corrupting the
+    interpreter's constants for.
     """
-    if data:
+    if len(data) > 1:
         ctypes.memset(id(data) + _BYTES_HEADER, 0, len(data))
 
 

@@ -172,6 +172,7 @@ class FakeKubeAPI:
         self.tokens: dict[str, str] = {}  # bearer token -> user name
         self.grants: set[tuple[str, str, str, str]] = set()  # user, namespace, verb, name|*
         self.requests: list[Request] = []
+        self.connections = 0  # TCP connections accepted, to observe keep-alive
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -311,6 +312,8 @@ class _Handler(BaseHTTPRequestHandler):
         # http.server writes headers and body separately: without NODELAY
         # each response would wait for the client's delayed ACK.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.api._lock:
+            self.server.api.connections += 1
         try:
             self.request.do_handshake()
         except (ssl.SSLError, OSError):

@@ -1,0 +1,104 @@
+"""Start, stop, crash and restart of the driver process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import grpc
+import pytest
+
+from secretfs.csi.pb import csi_pb2
+from tests.fakeapi import FakeKubeAPI
+from tests.harness import Driver, Kubelet, code_of, mounts_below
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(autouse=True)
+def _secret(api: FakeKubeAPI) -> None:
+    api.set_secret("default", "db", {"password": b"hunter2"})
+
+
+def test_identity_answers_name_version_no_controller_and_ready(new_driver: Driver) -> None:
+    driver = new_driver.start()
+
+    info = driver.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+    capabilities = driver.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
+    probe = driver.identity.Probe(csi_pb2.ProbeRequest())
+
+    assert (info.name, info.vendor_version) == ("secretfs.csi.io", "0.1.0")
+    assert list(capabilities.capabilities) == []
+    assert probe.ready.value is True
+
+
+def test_node_info_names_the_node_and_unsupported_calls_are_unimplemented(
+        new_driver: Driver) -> None:
+    driver = new_driver.start()
+    node = driver.node
+
+    assert node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "node-1"
+    assert list(node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities) == []
+    for call, request in [(node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest()),
+                          (node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest()),
+                          (node.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest()),
+                          (node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest())]:
+        assert code_of(call, request) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_sigterm_unmounts_the_filesystem_removes_the_socket_and_exits_0(
+        new_driver: Driver) -> None:
+    driver = new_driver.start()
+    kubelet = Kubelet(driver)
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+
+    assert driver.stop(signal.SIGTERM) == 0
+
+    assert mounts_below(driver.state_dir) == []
+    assert not driver.socket.exists()
+    assert "wiped 1 volumes" in driver.logs
+    # The pod's mount outlives the driver but serves nothing any more.
+    with pytest.raises(OSError) as failure:
+        os.listdir(volume.target)
+    assert failure.value.errno in (errno.ENOTCONN, errno.ENOENT, errno.EIO)
+
+
+def test_a_crashed_run_leaves_nothing_that_stops_a_new_start_and_its_volumes_unpublish(
+        new_driver: Driver) -> None:
+    driver = new_driver.start()
+    kubelet = Kubelet(driver)
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+
+    driver.stop(signal.SIGKILL)
+    assert driver.socket.exists()
+    assert mounts_below(driver.state_dir) == [str(driver.state_dir)]
+
+    driver.start()
+    kubelet.unpublish(volume)
+
+    assert mounts_below(volume.target) == []
+    assert not os.path.lexists(volume.target)
+    fresh = kubelet.volume("db")
+    kubelet.publish(fresh)
+    with open(fresh.target / "password", "rb") as f:
+        assert f.read() == b"hunter2"
+    kubelet.unpublish(fresh)
+
+
+def test_publish_over_a_dead_mount_of_a_crashed_run_replaces_it(new_driver: Driver) -> None:
+    driver = new_driver.start()
+    kubelet = Kubelet(driver)
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+    driver.stop(signal.SIGKILL)
+
+    driver.start()
+    kubelet.publish(volume)
+
+    assert mounts_below(volume.target) == [str(volume.target)]
+    with open(volume.target / "password", "rb") as f:
+        assert f.read() == b"hunter2"
+    kubelet.unpublish(volume)

@@ -1,0 +1,134 @@
+"""SecretReader against the stand-in API server over real HTTPS."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from secretfs.csi.kube import FetchError, SecretReader, _read_body, connect
+from tests.conftest import DRIVER_USER
+from tests.fakeapi import FakeKubeAPI, Fault
+
+
+@pytest.fixture
+def reader(api: FakeKubeAPI, driver_token: str, tmp_path: Path) -> SecretReader:
+    return SecretReader(connect(str(api.write_kubeconfig(tmp_path / "kc", driver_token))),
+                        budget=1.0)
+
+
+def fetch_code(reader: SecretReader, namespace: str, name: str) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(FetchError) as failure:
+        reader.read(namespace, name)
+    return failure.value.code, str(failure.value)
+
+
+def test_values_arrive_byte_exact_in_locked_buffers(reader: SecretReader,
+                                                    api: FakeKubeAPI) -> None:
+    values = {"bin": bytes(range(256)), "empty": b"", "text": "héllo".encode()}
+    api.set_secret("default", "exact", values)
+
+    buffers = reader.read("default", "exact")
+
+    assert {k: bytes(b.view()) for k, b in buffers.items()} == values
+    assert all(b.locked for b in buffers.values() if len(b))
+
+
+@pytest.mark.parametrize(("namespace", "name", "code", "words"), [
+    ("default", "absent", grpc.StatusCode.NOT_FOUND, 'secrets "absent" not found'),
+    ("locked", "db", grpc.StatusCode.PERMISSION_DENIED, f'User "{DRIVER_USER}" cannot get'),
+])
+def test_refusals_map_to_their_code_and_carry_the_api_message(
+        reader: SecretReader, api: FakeKubeAPI, namespace: str, name: str,
+        code: grpc.StatusCode, words: str) -> None:
+    api.set_secret("locked", "db", {"k": b"v"})
+
+    got, message = fetch_code(reader, namespace, name)
+
+    assert got == code
+    assert f"secret {namespace}/{name}" in message and words in message
+
+
+def test_an_unknown_token_is_unauthenticated(api: FakeKubeAPI, tmp_path: Path) -> None:
+    reader = SecretReader(connect(str(api.write_kubeconfig(tmp_path / "kc", "not-a-token"))))
+
+    assert fetch_code(reader, "default", "db")[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_server_errors_are_retried_until_the_budget_is_spent(reader: SecretReader,
+                                                             api: FakeKubeAPI) -> None:
+    api.inject(Fault(status=500, times=10_000, path="/secrets/flaky"))
+    before = api.count("GET", "/secrets/flaky")
+    start = time.monotonic()
+
+    code, message = fetch_code(reader, "default", "flaky")
+
+    elapsed = time.monotonic() - start
+    assert code == grpc.StatusCode.UNAVAILABLE and "unavailable after" in message
+    assert api.count("GET", "/secrets/flaky") - before >= 3
+    assert 0.5 < elapsed < 2.0
+
+
+def test_429_and_dropped_connections_are_transient(reader: SecretReader,
+                                                   api: FakeKubeAPI) -> None:
+    api.set_secret("default", "bumpy", {"k": b"v"})
+    api.inject(Fault(status=429, path="/secrets/bumpy"))
+    api.inject(Fault(drop=True, path="/secrets/bumpy"))
+
+    assert bytes(reader.read("default", "bumpy")["k"].view()) == b"v"
+
+
+def test_a_slow_api_counts_against_the_budget(reader: SecretReader, api: FakeKubeAPI) -> None:
+    api.inject(Fault(delay=3.0, path="/secrets/slow"))
+    start = time.monotonic()
+
+    assert fetch_code(reader, "default", "slow")[0] == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start < 2.5
+
+
+def test_the_connection_is_kept_alive_between_reads(reader: SecretReader,
+                                                    api: FakeKubeAPI) -> None:
+    api.set_secret("default", "db", {"k": b"v"})
+    reader.read("default", "db")
+    before = api.connections
+
+    for _ in range(5):
+        reader.read("default", "db")
+
+    assert api.connections == before
+
+
+def test_a_key_that_cannot_be_a_file_name_is_failed_precondition(reader: SecretReader,
+                                                                 api: FakeKubeAPI) -> None:
+    api.store.put("default", "odd", {"..": "eA=="}, create=True)
+
+    assert fetch_code(reader, "default", "odd")[0] == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_value_that_is_not_base64_is_internal(reader: SecretReader, api: FakeKubeAPI) -> None:
+    api.store.put("default", "garbled", {"k": "***"}, create=True)
+
+    assert fetch_code(reader, "default", "garbled")[0] == grpc.StatusCode.INTERNAL
+
+
+class _Chunks:
+    """A response without Content-Length that trickles its body in small pieces."""
+
+    headers: dict[str, str] = {}
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def readinto(self, view: memoryview) -> int:
+        size = min(1000, len(view))
+        piece, self._body = self._body[:size], self._body[size:]
+        view[: len(piece)] = piece
+        return len(piece)
+
+
+def test_a_body_of_unknown_length_is_read_whole() -> None:
+    body = bytes(range(256)) * 300
+
+    assert bytes(_read_body(_Chunks(body))) == body

@@ -1,0 +1,101 @@
+"""NodePublishVolume request checks: every bad field is INVALID_ARGUMENT, before any work."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from secretfs.csi.errors import CsiError
+from secretfs.csi.pb import csi_pb2
+from secretfs.csi.validation import check_publish, check_target_path
+
+PODS = "/var/lib/kubelet/pods"
+TARGET = f"{PODS}/1234/volumes/kubernetes.io~csi/secrets/mount"
+
+
+def request(**changes: Any) -> csi_pb2.NodePublishVolumeRequest:
+    context = {"secretName": "db", "csi.storage.k8s.io/pod.namespace": "default",
+               "csi.storage.k8s.io/pod.name": "app", "csi.storage.k8s.io/pod.uid": "1234",
+               "csi.storage.k8s.io/ephemeral": "true"}
+    context.update(changes.pop("context", {}))
+    for key in changes.pop("drop", ()):
+        context.pop(key)
+    fields: dict[str, Any] = {
+        "volume_id": "csi-" + "a" * 64, "target_path": TARGET, "readonly": True,
+        "volume_capability": csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume()),
+        "volume_context": context,
+    }
+    fields.update(changes)
+    return csi_pb2.NodePublishVolumeRequest(**fields)
+
+
+def block() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume())
+
+
+INVALID: dict[str, Callable[[], csi_pb2.NodePublishVolumeRequest]] = {
+    "no volume id": lambda: request(volume_id=""),
+    "volume id over 128 bytes": lambda: request(volume_id="v" * 129),
+    "volume id with a newline": lambda: request(volume_id="csi-\nx"),
+    "no target": lambda: request(target_path=""),
+    "relative target": lambda: request(target_path="pods/x/mount"),
+    "target outside pods": lambda: request(target_path="/etc/secretfs"),
+    "target is the pods folder": lambda: request(target_path=PODS),
+    "target beside pods": lambda: request(target_path=PODS + "-evil/x"),
+    "target with ..": lambda: request(target_path=f"{PODS}/x/../../../../etc"),
+    "target not normalised": lambda: request(target_path=f"{PODS}//x/mount"),
+    "no capability": lambda: csi_pb2.NodePublishVolumeRequest(
+        volume_id="v", target_path=TARGET, volume_context={"secretName": "db"}),
+    "block access": lambda: request(volume_capability=block()),
+    "no access type": lambda: request(volume_capability=csi_pb2.VolumeCapability()),
+    "no pod namespace": lambda: request(drop=["csi.storage.k8s.io/pod.namespace"]),
+    "bad pod namespace": lambda: request(context={"csi.storage.k8s.io/pod.namespace": "A_B"}),
+    "no secretName": lambda: request(drop=["secretName"]),
+    "secretName uppercase": lambda: request(context={"secretName": "DB"}),
+    "secretName with slash": lambda: request(context={"secretName": "a/b"}),
+    "secretName too long": lambda: request(context={"secretName": "a" * 254}),
+    "namespace attribute": lambda: request(context={"namespace": "kube-system"}),
+    "secretNamespace attribute": lambda: request(context={"secretNamespace": "kube-system"}),
+    "misspelt attribute": lambda: request(context={"secretname": "db"}),
+}
+
+
+@pytest.mark.parametrize("case", INVALID, ids=list(INVALID))
+def test_a_bad_request_is_invalid_argument(case: str) -> None:
+    with pytest.raises(CsiError) as failure:
+        check_publish(INVALID[case](), PODS)
+
+    assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_unknown_attribute_error_names_it_and_lists_the_valid_ones() -> None:
+    with pytest.raises(CsiError) as failure:
+        check_publish(request(context={"secretname": "top-secret-value"}), PODS)
+
+    assert "secretname" in failure.value.message
+    assert "valid attributes: secretName" in failure.value.message
+    assert "top-secret-value" not in failure.value.message
+
+
+def test_a_good_request_yields_the_pods_namespace_and_the_secret_name() -> None:
+    spec = check_publish(request(), PODS)
+
+    assert (spec.namespace, spec.secret_name, spec.secret_ref) == ("default", "db", "default/db")
+    assert (spec.pod_name, spec.pod_uid, spec.target_path) == ("app", "1234", TARGET)
+
+
+def test_any_access_mode_is_accepted_since_the_volume_is_always_read_only() -> None:
+    capability = csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+
+    assert check_publish(request(volume_capability=capability), PODS).secret_name == "db"
+
+
+def test_a_pods_dir_with_a_trailing_slash_is_the_same_rule() -> None:
+    assert check_target_path(TARGET, PODS + "/") == TARGET
