@@ -4,6 +4,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+SOURCES := csi fs tests scripts setup.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openssl util-linux
 
 .PHONY: demo test lint deps system-deps install clean
@@ -11,12 +12,13 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv opens
 demo: install
 	$(PY) scripts/demo.py
 
-test: install
+test: lint
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(VENV)/bin/ruff check csi fs tests scripts setup.py
-	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/mypy -p secretfs.csi -p secretfs.fs
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -28,8 +30,11 @@ $(PY): | system-deps
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-deps: $(PY)
+deps: $(VENV)/.deps
+
+$(VENV)/.deps: pyproject.toml | $(PY)
 	$(PIP) install -q ".[test]"
+	touch $@
 
 # Reinstalled every time: the package is built from the checkout (the CSI
 # stubs are compiled from protos/csi.proto at build time).

@@ -33,8 +33,9 @@ def compile_protos(out_dir: Path) -> None:
     # protoc writes a top-level import; inside a package it must be relative.
     grpc_module = out_dir / "csi_pb2_grpc.py"
     text = grpc_module.read_text()
-    grpc_module.write_text(re.sub(r"^import csi_pb2 as", "from . import csi_pb2 as", text,
-                                  flags=re.M))
+    grpc_module.write_text(
+        re.sub(r"^import csi_pb2 as", "from . import csi_pb2 as", text, flags=re.M)
+    )
     (out_dir / "__init__.py").write_text('"""Stubs generated from protos/csi.proto."""\n')
 
 

@@ -21,44 +21,76 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="secretfs-csi",
         description="Kubernetes CSI node plugin that serves Secrets as read-only files "
-                    "held only in locked memory.")
+        "held only in locked memory.",
+    )
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = top.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
-        "serve", help="run the node plugin",
+        "serve",
+        help="run the node plugin",
         description="Serve the CSI Identity and Node services on a unix socket and the "
-                    "node's SecretFS filesystem. SIGTERM or SIGINT stops serving, wipes "
-                    "every secret buffer, unmounts the filesystem and exits 0.")
-    serve.add_argument("--endpoint", default="unix:///csi/csi.sock",
-                       help="unix socket the kubelet calls, as unix:///path "
-                            "(default: %(default)s); a stale socket file is replaced")
-    serve.add_argument("--node-id", required=True,
-                       help="this node's name, returned by NodeGetInfo")
-    serve.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME,
-                       help="CSI driver name; must match the CSIDriver object "
-                            "(default: %(default)s)")
-    serve.add_argument("--kubeconfig",
-                       help="kubeconfig for the API server; without it the in-cluster "
-                            "service account is used, else $KUBECONFIG or ~/.kube/config")
-    serve.add_argument("--kubelet-dir", default="/var/lib/kubelet",
-                       help="the kubelet's root directory; targets must lie under its pods/ "
-                            "folder (default: %(default)s)")
+        "node's SecretFS filesystem. SIGTERM or SIGINT stops serving, wipes "
+        "every secret buffer, unmounts the filesystem and exits 0.",
+    )
+    serve.add_argument(
+        "--endpoint",
+        default="unix:///csi/csi.sock",
+        help="unix socket the kubelet calls, as unix:///path "
+        "(default: %(default)s); a stale socket file is replaced",
+    )
+    serve.add_argument("--node-id", required=True, help="this node's name, returned by NodeGetInfo")
+    serve.add_argument(
+        "--driver-name",
+        default=DEFAULT_DRIVER_NAME,
+        help="CSI driver name; must match the CSIDriver object (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--kubeconfig",
+        help="kubeconfig for the API server; without it the in-cluster "
+        "service account is used, else $KUBECONFIG or ~/.kube/config",
+    )
+    serve.add_argument(
+        "--kubelet-dir",
+        default="/var/lib/kubelet",
+        help="the kubelet's root directory; targets must lie under its pods/ "
+        "folder (default: %(default)s)",
+    )
     # TODO(#4): add `pod` (read with the pod's own service-account token) as the default.
-    serve.add_argument("--auth-mode", choices=["driver"], default="driver",
-                       help="whose credentials read Secrets: `driver` uses the driver's own, "
-                            "always confined to the pod's namespace (default: %(default)s)")
-    serve.add_argument("--state-dir", default="/run/secretfs",
-                       help="where the FUSE filesystem is mounted; a dead mount left there by "
-                            "a crashed run is cleared at start (default: %(default)s)")
-    serve.add_argument("--api-retry-budget", type=float, default=30.0, metavar="SECONDS",
-                       help="how long a publish keeps retrying an unreachable or failing API "
-                            "server before answering UNAVAILABLE (default: %(default)s)")
-    serve.add_argument("--log-format", choices=["text", "json"], default="text",
-                       help="text for people, json for one object per line "
-                            "(default: %(default)s)")
-    serve.add_argument("-v", "--verbose", action="count", default=0,
-                       help="debug logs; twice adds the libraries' own debug logs. "
-                            "Secret data and tokens are never logged")
+    serve.add_argument(
+        "--auth-mode",
+        choices=["driver"],
+        default="driver",
+        help="whose credentials read Secrets: `driver` uses the driver's own, "
+        "always confined to the pod's namespace (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--state-dir",
+        default="/run/secretfs",
+        help="where the FUSE filesystem is mounted; a dead mount left there by "
+        "a crashed run is cleared at start (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--api-retry-budget",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a publish keeps retrying an unreachable or failing API "
+        "server before answering UNAVAILABLE (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text for people, json for one object per line (default: %(default)s)",
+    )
+    serve.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="debug logs; twice adds the libraries' own debug logs. "
+        "Secret data and tokens are never logged",
+    )
     return top
 
 
@@ -132,8 +164,7 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         session.stop()
         raise StartupError(str(exc)) from None
-    log.info("secretfs %s ready: driver %s on node %s", __version__, args.driver_name,
-             args.node_id)
+    log.info("secretfs %s ready: driver %s on node %s", __version__, args.driver_name, args.node_id)
 
     while not stop.wait(1.0):
         if not session.alive:
@@ -144,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
     server.stop(grace=5).wait()
     session.stop()
     _remove_socket(args.endpoint)
-    log.info("stopped: %d volumes were published", node.published_count())
+    log.info("stopped with %d volumes still published", node.published_count())
     return 1 if fuse_died else 0
 
 

@@ -58,8 +58,9 @@ def connect(kubeconfig: str | None) -> SecretsApi:
 
     configuration = client.Configuration()
     if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
-                                persist_config=False)
+        config.load_kube_config(
+            config_file=kubeconfig, client_configuration=configuration, persist_config=False
+        )
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)
     else:
@@ -70,8 +71,9 @@ def connect(kubeconfig: str | None) -> SecretsApi:
 
 
 class SecretReader:
-    def __init__(self, api: SecretsApi, budget: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, api: SecretsApi, budget: float = 30.0, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self._api = api
         self._budget = budget
         self._sleep = sleep
@@ -90,9 +92,11 @@ class SecretReader:
             except _Transient as exc:
                 pause = delay * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not crypto
                 if time.monotonic() + pause >= deadline:
-                    raise FetchError(grpc.StatusCode.UNAVAILABLE,
-                                     f"{what}: API server unavailable after {attempt} attempts "
-                                     f"in {self._budget:.0f}s: {exc}") from None
+                    raise FetchError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"{what}: API server unavailable after {attempt} attempts "
+                        f"in {self._budget:.0f}s: {exc}",
+                    ) from None
                 log.info("reading %s failed (%s); retry %d in %.2fs", what, exc, attempt, pause)
                 self._sleep(pause)
                 delay = min(delay * 2, _MAX_DELAY)
@@ -108,11 +112,14 @@ class SecretReader:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        timeout = (max(0.1, min(CONNECT_TIMEOUT, remaining)),
-                   max(0.1, min(READ_TIMEOUT, remaining)))
+        timeout = (
+            max(0.1, min(CONNECT_TIMEOUT, remaining)),
+            max(0.1, min(READ_TIMEOUT, remaining)),
+        )
         try:
             response = self._api.read_namespaced_secret(
-                name, namespace, _preload_content=False, _request_timeout=timeout)
+                name, namespace, _preload_content=False, _request_timeout=timeout
+            )
         except ApiException as exc:
             raise _classify(exc.status, _status_message(exc.body, exc.reason)) from None
         except (HTTPError, OSError) as exc:
@@ -198,13 +205,17 @@ def decode_secret(body: bytearray, what: str) -> dict[str, SecretBuffer]:
         if not isinstance(data, dict):
             raise TypeError("data is not a map")
     except (ValueError, TypeError, AttributeError) as exc:
-        raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: unreadable API response ({exc})")
+        raise FetchError(
+            grpc.StatusCode.INTERNAL, f"{what}: unreadable API response ({exc})"
+        ) from None
     buffers: dict[str, SecretBuffer] = {}
     try:
         for key, encoded in data.items():
             if not _KEY.fullmatch(key) or key in (".", "..") or not isinstance(encoded, str):
-                raise FetchError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"{what} has a key that cannot be a file name")
+                raise FetchError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{what} has a key that cannot be a file name",
+                )
             raw = binascii.a2b_base64(encoded, strict_mode=True)
             buffers[key] = SecretBuffer.from_bytes(raw)
             scrub_bytes(raw)

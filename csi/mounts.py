@@ -19,8 +19,13 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p)
+_libc.mount.argtypes = (
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 MS_RDONLY = 0x1
@@ -60,8 +65,8 @@ def _unescape(field: str) -> str:
     out, i = bytearray(), 0
     raw = field.encode()
     while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
             i += 4
         else:
             out.append(raw[i])
@@ -75,14 +80,16 @@ def mount_table(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            table.append(MountInfo(
-                mount_id=int(fields[0]),
-                root=_unescape(fields[3]),
-                mountpoint=_unescape(fields[4]),
-                options=frozenset(fields[5].split(",")),
-                fstype=fields[sep + 1],
-                source=_unescape(fields[sep + 2]),
-            ))
+            table.append(
+                MountInfo(
+                    mount_id=int(fields[0]),
+                    root=_unescape(fields[3]),
+                    mountpoint=_unescape(fields[4]),
+                    options=frozenset(fields[5].split(",")),
+                    fstype=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                )
+            )
     return table
 
 
@@ -107,11 +114,17 @@ def bind_read_only(source: str, target: str) -> None:
     A bind mount takes its flags only on a second, remounting call; if that
     call fails the half-made writable mount is removed before raising.
     """
-    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
-           "bind mount onto", target)
+    _check(
+        _libc.mount(source.encode(), target.encode(), None, MS_BIND, None),
+        "bind mount onto",
+        target,
+    )
     try:
-        _check(_libc.mount(None, target.encode(), None, MS_BIND | MS_REMOUNT | TARGET_FLAGS,
-                           None), "read-only remount of", target)
+        _check(
+            _libc.mount(None, target.encode(), None, MS_BIND | MS_REMOUNT | TARGET_FLAGS, None),
+            "read-only remount of",
+            target,
+        )
     except OSError:
         _libc.umount2(target.encode(), MNT_DETACH)
         raise

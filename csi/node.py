@@ -48,8 +48,9 @@ class Publication:
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
-    def __init__(self, node_id: str, kubelet_dir: str, session: FuseSession,
-                 reader: SecretReader) -> None:
+    def __init__(
+        self, node_id: str, kubelet_dir: str, session: FuseSession, reader: SecretReader
+    ) -> None:
         self._node_id = node_id
         self._pods_dir = os.path.join(kubelet_dir, "pods")
         self._session = session
@@ -61,13 +62,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ---- information ----------------------------------------------------
 
-    def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest,
-                    context: grpc.ServicerContext) -> csi_pb2.NodeGetInfoResponse:
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(node_id=self._node_id)
 
-    def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
-                            context: grpc.ServicerContext
-                            ) -> csi_pb2.NodeGetCapabilitiesResponse:
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
         # No staging, no stats, no expansion: publish and unpublish are all.
         return csi_pb2.NodeGetCapabilitiesResponse()
 
@@ -77,8 +79,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ---- publish --------------------------------------------------------
 
-    def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
-                          context: grpc.ServicerContext) -> csi_pb2.NodePublishVolumeResponse:
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
         spec = check_publish(request, self._pods_dir)
         with self._claim(spec.volume_id, spec.target_path):
             with self._lock:
@@ -87,29 +90,36 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if existing is not None and self._still_published(existing, spec):
                 return csi_pb2.NodePublishVolumeResponse()
             for other in others:
-                if (other.spec.target_path == spec.target_path
-                        and other.spec.volume_id != spec.volume_id):
-                    raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
-                                   f"target {spec.target_path} already holds volume "
-                                   f"{other.spec.volume_id}")
+                if (
+                    other.spec.target_path == spec.target_path
+                    and other.spec.volume_id != spec.volume_id
+                ):
+                    raise CsiError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"target {spec.target_path} already holds volume {other.spec.volume_id}",
+                    )
             self._publish(spec)
         return csi_pb2.NodePublishVolumeResponse()
 
     def _still_published(self, existing: Publication, spec: PublishSpec) -> bool:
         """True if a repeated request is already satisfied; raises if it conflicts."""
         if existing.spec.target_path != spec.target_path:
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"volume {spec.volume_id} is already published at "
-                           f"{existing.spec.target_path}")
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume {spec.volume_id} is already published at {existing.spec.target_path}",
+            )
         if existing.spec != spec:
-            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"volume {spec.volume_id} is published at {spec.target_path} "
-                           "with different attributes")
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"volume {spec.volume_id} is published at {spec.target_path} "
+                "with different attributes",
+            )
         if mounts.is_mountpoint(spec.target_path):
             return True
         # Someone unmounted it behind our back: drop the old copy, publish anew.
-        log.warning("volume %s lost its mount at %s; publishing again", spec.volume_id,
-                    spec.target_path)
+        log.warning(
+            "volume %s lost its mount at %s; publishing again", spec.volume_id, spec.target_path
+        )
         self._forget(existing)
         return False
 
@@ -129,11 +139,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             for created in reversed(self._make_target(spec.target_path)):
                 undo.callback(_rmdir_quietly, created)
             try:
-                mounts.bind_read_only(os.path.join(self._session.mountpoint, volume_dir),
-                                      spec.target_path)
+                mounts.bind_read_only(
+                    os.path.join(self._session.mountpoint, volume_dir), spec.target_path
+                )
             except OSError as exc:
-                raise CsiError(grpc.StatusCode.INTERNAL,
-                               f"mounting volume {spec.volume_id}: {exc.strerror}") from None
+                raise CsiError(
+                    grpc.StatusCode.INTERNAL, f"mounting volume {spec.volume_id}: {exc.strerror}"
+                ) from None
             undo.pop_all()
         with self._lock:
             self._published[spec.volume_id] = Publication(spec, volume_dir)
@@ -156,8 +168,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not stacked:
             return
         if any(m.fstype != FSTYPE for m in stacked):
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"target {target} is already a mount point of another filesystem")
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"target {target} is already a mount point of another filesystem",
+            )
         log.warning("removing a stale SecretFS mount at %s", target)
         self._unmount(target)
 
@@ -173,11 +187,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         real_pods = os.path.realpath(self._pods_dir)
         real = os.path.realpath(path)
         if real != real_pods and not real.startswith(real_pods + "/"):
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"target_path {target} resolves outside {self._pods_dir}")
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"target_path {target} resolves outside {self._pods_dir}",
+            )
         if not missing and (os.path.islink(target) or not os.path.isdir(target)):
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"target {target} exists and is not a directory")
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"target {target} exists and is not a directory",
+            )
         created: list[str] = []
         try:
             for directory in reversed(missing):
@@ -186,22 +204,25 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         except OSError as exc:
             for directory in reversed(created):
                 _rmdir_quietly(directory)
-            raise CsiError(grpc.StatusCode.INTERNAL,
-                           f"creating target {target}: {exc.strerror}") from None
+            raise CsiError(
+                grpc.StatusCode.INTERNAL, f"creating target {target}: {exc.strerror}"
+            ) from None
         return created
 
     # ---- unpublish ------------------------------------------------------
 
-    def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
-                            context: grpc.ServicerContext
-                            ) -> csi_pb2.NodeUnpublishVolumeResponse:
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
         volume_id = check_volume_id(request.volume_id)
         target = check_target_path(request.target_path, self._pods_dir)
         with self._claim(volume_id, target):
             stacked = mounts.mounts_at(target)
             if any(m.fstype != FSTYPE for m in stacked):
-                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"target {target} is a mount point of another filesystem")
+                raise CsiError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"target {target} is a mount point of another filesystem",
+                )
             self._unmount(target)
             with self._lock:
                 publication = self._published.get(volume_id)
@@ -214,8 +235,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         try:
             mounts.unmount(target)
         except OSError as exc:
-            raise CsiError(grpc.StatusCode.INTERNAL,
-                           f"unmounting {target}: {exc.strerror}") from None
+            raise CsiError(
+                grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc.strerror}"
+            ) from None
 
     def _forget(self, publication: Publication) -> None:
         self._remove_volume(publication.volume_dir)
@@ -229,11 +251,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             pass
         except OSError as exc:
             if exc.errno != errno.ENOTEMPTY:
-                raise CsiError(grpc.StatusCode.INTERNAL,
-                               f"removing target {target}: {exc.strerror}") from None
+                raise CsiError(
+                    grpc.StatusCode.INTERNAL, f"removing target {target}: {exc.strerror}"
+                ) from None
             # Files SecretFS did not put there: not ours to delete.
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"target {target} is not empty after unmount") from None
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"target {target} is not empty after unmount"
+            ) from None
 
     # ---- unsupported ----------------------------------------------------
 
@@ -256,8 +280,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         """Hold `keys` (a volume id and a target) for one call; ABORTED if another has them."""
         with self._lock:
             if any(key in self._inflight for key in keys):
-                raise CsiError(grpc.StatusCode.ABORTED,
-                               "another operation on this volume or target is in progress")
+                raise CsiError(
+                    grpc.StatusCode.ABORTED,
+                    "another operation on this volume or target is in progress",
+                )
             self._inflight.update(keys)
         try:
             yield

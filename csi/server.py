@@ -21,8 +21,9 @@ from .validation import POD_NAME, POD_NAMESPACE
 log = logging.getLogger(__name__)
 
 # Calls the kubelet and the sidecars make every few seconds: logged at debug.
-_ROUTINE = frozenset({"Probe", "GetPluginInfo", "GetPluginCapabilities", "NodeGetCapabilities",
-                      "NodeGetInfo"})
+_ROUTINE = frozenset(
+    {"Probe", "GetPluginInfo", "GetPluginCapabilities", "NodeGetCapabilities", "NodeGetInfo"}
+)
 
 # Publishes may wait on the API server; the kubelet runs only a few at once,
 # so a small pool is plenty and bounds the driver's threads.
@@ -33,7 +34,7 @@ def socket_path(endpoint: str) -> str:
     """The filesystem path of a `unix://` endpoint."""
     for prefix in ("unix://", "unix:"):
         if endpoint.startswith(prefix):
-            path = endpoint[len(prefix):]
+            path = endpoint[len(prefix) :]
             if os.path.isabs(path) and not path.startswith("//"):
                 return path
             break
@@ -78,12 +79,15 @@ class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
             context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(
-            logged, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            logged,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
-def _log_call(method: str, request: Any, code: grpc.StatusCode, message: str,
-              seconds: float) -> None:
+def _log_call(
+    method: str, request: Any, code: grpc.StatusCode, message: str, seconds: float
+) -> None:
     fields = call_fields(request)
     fields.update(method=method, code=code.name, duration_ms=f"{seconds * 1000:.1f}")
     if message:
@@ -110,8 +114,9 @@ def serve(endpoint: str, identity: IdentityService, node: NodeService) -> grpc.S
             raise FileExistsError(f"{path} exists and is not a socket")
     except FileNotFoundError:
         pass
-    server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
-                         interceptors=[CallLog()])
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"), interceptors=[CallLog()]
+    )
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     csi_pb2_grpc.add_NodeServicer_to_server(node, server)
     if server.add_insecure_port(f"unix:{path}") == 0:

@@ -27,7 +27,7 @@ EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 
 # Attributes a pod author may set in the volume's volumeAttributes.
-SECRET_NAME = "secretName"
+SECRET_NAME = "secretName"  # noqa: S105 - an attribute name, not a password
 USER_ATTRIBUTES = frozenset({SECRET_NAME})
 
 # CSI caps identifiers at 128 bytes; the kubelet's ephemeral ids are 68.
@@ -63,8 +63,9 @@ def check_volume_id(volume_id: str) -> str:
     if not volume_id:
         raise _invalid("volume_id missing in request")
     if len(volume_id.encode()) > MAX_VOLUME_ID or _CONTROL.search(volume_id):
-        raise _invalid(f"volume_id must be at most {MAX_VOLUME_ID} bytes "
-                       "without control characters")
+        raise _invalid(
+            f"volume_id must be at most {MAX_VOLUME_ID} bytes without control characters"
+        )
     return volume_id
 
 
@@ -72,8 +73,12 @@ def check_target_path(target_path: str, pods_dir: str) -> str:
     """`target_path` must be a normalised absolute path strictly below `pods_dir`."""
     if not target_path:
         raise _invalid("target_path missing in request")
-    if (len(target_path.encode()) > PATH_MAX or _CONTROL.search(target_path)
-            or not os.path.isabs(target_path) or os.path.normpath(target_path) != target_path):
+    if (
+        len(target_path.encode()) > PATH_MAX
+        or _CONTROL.search(target_path)
+        or not os.path.isabs(target_path)
+        or os.path.normpath(target_path) != target_path
+    ):
         raise _invalid("target_path must be a normalised absolute path")
     if not target_path.startswith(pods_dir.rstrip("/") + "/"):
         raise _invalid(f"target_path must lie under {pods_dir}")
@@ -93,17 +98,22 @@ def check_publish(request: csi_pb2.NodePublishVolumeRequest, pods_dir: str) -> P
         raise _invalid("volume_capability must ask for mount access")
 
     context = dict(request.volume_context)
-    unknown = sorted(k for k in context if k not in USER_ATTRIBUTES
-                     and not k.startswith(KUBELET_PREFIX))
+    unknown = sorted(
+        k for k in context if k not in USER_ATTRIBUTES and not k.startswith(KUBELET_PREFIX)
+    )
     if unknown:
         # Names only: a mistyped attribute is not secret, its value might be.
-        raise _invalid(f"unknown volume attributes {', '.join(unknown)}; "
-                       f"valid attributes: {', '.join(sorted(USER_ATTRIBUTES))}")
+        raise _invalid(
+            f"unknown volume attributes {', '.join(unknown)}; "
+            f"valid attributes: {', '.join(sorted(USER_ATTRIBUTES))}"
+        )
 
     namespace = context.get(POD_NAMESPACE, "")
     if not namespace:
-        raise _invalid(f"volume_context has no {POD_NAMESPACE}: "
-                       "the CSIDriver object must set podInfoOnMount: true")
+        raise _invalid(
+            f"volume_context has no {POD_NAMESPACE}: "
+            "the CSIDriver object must set podInfoOnMount: true"
+        )
     if not _DNS_LABEL.fullmatch(namespace):
         raise _invalid(f"{POD_NAMESPACE} is not a valid namespace name")
 
@@ -111,9 +121,16 @@ def check_publish(request: csi_pb2.NodePublishVolumeRequest, pods_dir: str) -> P
     if not secret_name:
         raise _invalid(f"volume attribute {SECRET_NAME} is required")
     if len(secret_name) > 253 or not _DNS_SUBDOMAIN.fullmatch(secret_name):
-        raise _invalid(f"volume attribute {SECRET_NAME} must be a DNS subdomain "
-                       "(lowercase letters, digits, '-' and '.', at most 253 characters)")
+        raise _invalid(
+            f"volume attribute {SECRET_NAME} must be a DNS subdomain "
+            "(lowercase letters, digits, '-' and '.', at most 253 characters)"
+        )
 
-    return PublishSpec(volume_id=volume_id, target_path=target, namespace=namespace,
-                       secret_name=secret_name, pod_name=context.get(POD_NAME, ""),
-                       pod_uid=context.get(POD_UID, ""))
+    return PublishSpec(
+        volume_id=volume_id,
+        target_path=target,
+        namespace=namespace,
+        secret_name=secret_name,
+        pod_name=context.get(POD_NAME, ""),
+        pod_uid=context.get(POD_UID, ""),
+    )

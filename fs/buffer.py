@@ -61,8 +61,9 @@ class SecretBuffer:
         self._locked = False
         self._map: mmap.mmap | None = None
         if size:
-            self._map = mmap.mmap(-1, _round_to_pages(size),
-                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._map = mmap.mmap(
+                -1, _round_to_pages(size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            )
             self._map.madvise(mmap.MADV_DONTDUMP)
             self._locked = _lock(self._map)
 

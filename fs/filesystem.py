@@ -32,7 +32,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -50,7 +50,7 @@ R = TypeVar("R")
 ROOT_TIMEOUT = 1.0
 
 
-def _guarded(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _guarded(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn any unexpected exception of a handler into EIO, once, here."""
 
     @functools.wraps(handler)
@@ -70,7 +70,7 @@ async def _read_only(*_: Any, **__: Any) -> Any:
     raise FUSEError(errno.EROFS)
 
 
-class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
+class SecretFS(pyfuse3.Operations):
     """pyfuse3 operations over all volumes of the node."""
 
     # Lookups of "." and ".." are not answered; the kernel handles them.
@@ -81,9 +81,10 @@ class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._next_fh = 1
         now = time.time_ns()
-        self._root = Directory(pyfuse3.ROOT_INODE,
-                               make_attrs(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o700, 0, 0, 0,
-                                          now, ROOT_TIMEOUT))
+        self._root = Directory(
+            pyfuse3.ROOT_INODE,
+            make_attrs(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o700, 0, 0, 0, now, ROOT_TIMEOUT),
+        )
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self._root}
         self._files: dict[int, File] = {}  # open file handles
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # open directory handles
@@ -134,8 +135,9 @@ class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
     # ---- lookups and attributes --------------------------------------------
 
     @_guarded
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if not isinstance(parent, Directory):
             raise FUSEError(errno.ENOTDIR)
@@ -148,7 +150,7 @@ class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._node(inode).attrs
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inodes live as long as their volume, not as long as the kernel's
         # references; see "Known limits" above. Nothing here can fail.
         return None
@@ -180,8 +182,9 @@ class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
             raise FUSEError(errno.ENOTDIR)
         # The root changes as volumes come and go, so each listing works on
         # a snapshot; a volume's own directories never change.
-        listing = (sorted(directory.entries.items()) if directory is self._root
-                   else directory.listing)
+        listing = (
+            sorted(directory.entries.items()) if directory is self._root else directory.listing
+        )
         fh = self._new_fh()
         self._listings[fh] = listing
         return fh
@@ -216,8 +219,10 @@ class SecretFS(pyfuse3.Operations):  # type: ignore[misc]
         # direct_io: every read comes here, nothing lands in the page cache.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
+    # pyfuse3 declares bytes but takes any buffer: a view of the locked
+    # mapping goes to the kernel with no copy in between.
     @_guarded
-    async def read(self, fh: int, off: int, size: int) -> memoryview:
+    async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         node = self._files.get(fh)
         if node is None:
             raise FUSEError(errno.EBADF)

@@ -56,7 +56,7 @@ class FuseSession:
         """Run `fn(*args)` on the FUSE thread and return its result."""
         if self._token is None:
             raise RuntimeError("the FUSE session is not running")
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)  # type: ignore[no-any-return]
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
     def stop(self) -> None:
         """Wipe every volume, stop serving and unmount. Safe to call twice."""
@@ -75,7 +75,7 @@ class FuseSession:
     def _run(self) -> None:
         try:
             trio.run(self._serve)
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or the log
+        except BaseException as exc:
             if not self._ready.is_set():
                 self._error = exc
             else:
@@ -86,8 +86,15 @@ class FuseSession:
 
     async def _serve(self) -> None:
         options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-        options |= {"fsname=secretfs", "subtype=secretfs", "allow_other", "ro", "nosuid",
-                    "nodev", "noexec"}
+        options |= {
+            "fsname=secretfs",
+            "subtype=secretfs",
+            "allow_other",
+            "ro",
+            "nosuid",
+            "nodev",
+            "noexec",
+        }
         pyfuse3.init(self.fs, self.mountpoint, options)
         try:
             self._token = trio.lowlevel.current_trio_token()

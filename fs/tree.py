@@ -56,8 +56,15 @@ class Directory:
 Node = File | Directory
 
 
-def make_attrs(inode: int, mode: int, size: int, uid: int, gid: int, stamp_ns: int,
-               timeout: float = CACHE_TIMEOUT) -> pyfuse3.EntryAttributes:
+def make_attrs(
+    inode: int,
+    mode: int,
+    size: int,
+    uid: int,
+    gid: int,
+    stamp_ns: int,
+    timeout: float = CACHE_TIMEOUT,
+) -> pyfuse3.EntryAttributes:
     attrs = pyfuse3.EntryAttributes()
     attrs.st_ino = inode
     attrs.generation = 0
@@ -74,8 +81,9 @@ def make_attrs(inode: int, mode: int, size: int, uid: int, gid: int, stamp_ns: i
     return attrs
 
 
-def build_tree(files: Mapping[str, SecretBuffer], layout: Layout,
-               allocate: Callable[[], int], stamp_ns: int) -> Directory:
+def build_tree(
+    files: Mapping[str, SecretBuffer], layout: Layout, allocate: Callable[[], int], stamp_ns: int
+) -> Directory:
     """Build a volume's tree from relative paths (`a`, `dir/b`) to buffers.
 
     Paths must already be validated; a collision between a file and a
@@ -84,8 +92,10 @@ def build_tree(files: Mapping[str, SecretBuffer], layout: Layout,
 
     def new_dir() -> Directory:
         inode = allocate()
-        return Directory(inode, make_attrs(inode, stat.S_IFDIR | layout.dir_mode, 0,
-                                           layout.uid, layout.gid, stamp_ns))
+        return Directory(
+            inode,
+            make_attrs(inode, stat.S_IFDIR | layout.dir_mode, 0, layout.uid, layout.gid, stamp_ns),
+        )
 
     top = new_dir()
     for path, buffer in files.items():
@@ -101,9 +111,18 @@ def build_tree(files: Mapping[str, SecretBuffer], layout: Layout,
         if leaf in parent.entries:
             raise ValueError(f"path {path!r} appears twice")
         inode = allocate()
-        parent.entries[leaf] = File(inode, buffer,
-                                    make_attrs(inode, stat.S_IFREG | layout.file_mode,
-                                               len(buffer), layout.uid, layout.gid, stamp_ns))
+        parent.entries[leaf] = File(
+            inode,
+            buffer,
+            make_attrs(
+                inode,
+                stat.S_IFREG | layout.file_mode,
+                len(buffer),
+                layout.uid,
+                layout.gid,
+                stamp_ns,
+            ),
+        )
     for directory in walk_dirs(top):
         directory.seal()
     return top

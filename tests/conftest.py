@@ -40,8 +40,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     # Under CI a skipped FUSE test is a failure: the real-mount tier must run.
-    if (report.skipped and os.environ.get("CI") == "true"
-            and item.get_closest_marker("fuse") is not None):
+    if (
+        report.skipped
+        and os.environ.get("CI") == "true"
+        and item.get_closest_marker("fuse") is not None
+    ):
         report.outcome = "failed"
         report.longrepr = f"FUSE test skipped under CI=true: {report.longrepr}"
 

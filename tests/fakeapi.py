@@ -41,9 +41,18 @@ from urllib.parse import parse_qs, urlsplit
 ADMIN = "system:admin"
 
 _REASONS = {
-    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-    405: "MethodNotAllowed", 409: "Conflict", 410: "Expired", 422: "Invalid",
-    429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout",
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    410: "Expired",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
 }
 
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -51,11 +60,17 @@ _KEY = re.compile(r"[-._a-zA-Z0-9]+")
 _PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets(?:/(?P<name>[^/]+))?$")
 
 
-def status_body(code: int, message: str, reason: str | None = None,
-                details: dict[str, Any] | None = None) -> dict[str, Any]:
+def status_body(
+    code: int, message: str, reason: str | None = None, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message, "reason": reason or _REASONS.get(code, "Unknown"), "code": code,
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason or _REASONS.get(code, "Unknown"),
+        "code": code,
     }
     if details:
         body["details"] = details
@@ -63,8 +78,13 @@ def status_body(code: int, message: str, reason: str | None = None,
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, message: str, reason: str | None = None,
-                 details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.body = status_body(code, message, reason, details)
         self.code = code
@@ -122,26 +142,49 @@ class Store:
             self.events.clear()
             self.oldest_rv = self.rv
 
-    def put(self, namespace: str, name: str, data: dict[str, str], *, create: bool,
-            expect_rv: str | None = None, type_: str = "Opaque") -> dict[str, Any]:
+    def put(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        *,
+        create: bool,
+        expect_rv: str | None = None,
+        type_: str = "Opaque",
+    ) -> dict[str, Any]:
         with self.changed:
             old = self.objects.get((namespace, name))
             if create and old is not None:
-                raise ApiError(409, f'secrets "{name}" already exists', "AlreadyExists",
-                               {"name": name, "kind": "secrets"})
+                raise ApiError(
+                    409,
+                    f'secrets "{name}" already exists',
+                    "AlreadyExists",
+                    {"name": name, "kind": "secrets"},
+                )
             if not create and old is None:
-                raise ApiError(404, f'secrets "{name}" not found', None,
-                               {"name": name, "kind": "secrets"})
+                raise ApiError(
+                    404, f'secrets "{name}" not found', None, {"name": name, "kind": "secrets"}
+                )
             if old is not None and expect_rv and expect_rv != old["metadata"]["resourceVersion"]:
-                raise ApiError(409, f'Operation cannot be fulfilled on secrets "{name}": the '
-                               "object has been modified; please apply your changes to the "
-                               "latest version and try again", "Conflict",
-                               {"name": name, "kind": "secrets"})
+                raise ApiError(
+                    409,
+                    f'Operation cannot be fulfilled on secrets "{name}": the '
+                    "object has been modified; please apply your changes to the "
+                    "latest version and try again",
+                    "Conflict",
+                    {"name": name, "kind": "secrets"},
+                )
             self.rv += 1
-            meta = dict(old["metadata"]) if old else {
-                "name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
-                "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
+            meta = (
+                dict(old["metadata"])
+                if old
+                else {
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": str(uuid.uuid4()),
+                    "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
             meta["resourceVersion"] = str(self.rv)
             obj = {"kind": "Secret", "apiVersion": "v1", "metadata": meta, "type": type_}
             if data:
@@ -154,8 +197,9 @@ class Store:
         with self.changed:
             obj = self.objects.pop((namespace, name), None)
             if obj is None:
-                raise ApiError(404, f'secrets "{name}" not found', None,
-                               {"name": name, "kind": "secrets"})
+                raise ApiError(
+                    404, f'secrets "{name}" not found', None, {"name": name, "kind": "secrets"}
+                )
             self.rv += 1
             gone = json.loads(json.dumps(obj))
             gone["metadata"]["resourceVersion"] = str(self.rv)
@@ -186,20 +230,43 @@ class FakeKubeAPI:
         self.workdir.mkdir(parents=True, exist_ok=True)
         key = self.workdir / "server.key"
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "1", "-subj", "/CN=kube-apiserver-standin",
-             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-             "-keyout", str(key), "-out", str(self.ca_file)],
-            check=True, capture_output=True)
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=kube-apiserver-standin",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout",
+                str(key),
+                "-out",
+                str(self.ca_file),
+            ],
+            check=True,
+            capture_output=True,
+        )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.ca_file, key)
         httpd = _Server(("127.0.0.1", 0), _Handler)
         httpd.api = self
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True,
-                                           do_handshake_on_connect=False)
+        httpd.socket = context.wrap_socket(
+            httpd.socket, server_side=True, do_handshake_on_connect=False
+        )
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, name="fake-kube-api",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            name="fake-kube-api",
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -252,12 +319,17 @@ class FakeKubeAPI:
 
     def write_kubeconfig(self, path: Path, token: str) -> Path:
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "standin",
-            "clusters": [{"name": "standin", "cluster": {
-                "server": self.url, "certificate-authority": str(self.ca_file)}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "standin",
+            "clusters": [
+                {
+                    "name": "standin",
+                    "cluster": {"server": self.url, "certificate-authority": str(self.ca_file)},
+                }
+            ],
             "users": [{"name": "driver", "user": {"token": token}}],
-            "contexts": [{"name": "standin", "context": {"cluster": "standin",
-                                                         "user": "driver"}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "driver"}}],
         }
         path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
         return path
@@ -281,7 +353,7 @@ class FakeKubeAPI:
     def _authenticate(self, header: str | None) -> str:
         if not header or not header.startswith("Bearer "):
             raise ApiError(401, "Unauthorized")
-        user = self.tokens.get(header[len("Bearer "):])
+        user = self.tokens.get(header[len("Bearer ") :])
         if user is None:
             raise ApiError(401, "Unauthorized")
         return user
@@ -289,13 +361,17 @@ class FakeKubeAPI:
     def _authorize(self, user: str, verb: str, namespace: str, name: str | None) -> None:
         if user == ADMIN:
             return
-        for n in ((name, "*") if name else ("*",)):
+        for n in (name, "*") if name else ("*",):
             if (user, namespace, verb, n) in self.grants:
                 return
         target = f'secrets "{name}"' if name else "secrets"
-        raise ApiError(403, f'{target} is forbidden: User "{user}" cannot {verb} resource '
-                       f'"secrets" in API group "" in the namespace "{namespace}"', None,
-                       {"name": name or "", "kind": "secrets"})
+        raise ApiError(
+            403,
+            f'{target} is forbidden: User "{user}" cannot {verb} resource '
+            f'"secrets" in API group "" in the namespace "{namespace}"',
+            None,
+            {"name": name or "", "kind": "secrets"},
+        )
 
 
 class _Server(ThreadingHTTPServer):
@@ -319,7 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (ssl.SSLError, OSError):
             self.close_connection = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log in FakeKubeAPI.requests replaces stderr noise
 
     def do_GET(self) -> None:
@@ -378,35 +454,57 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _route(self, method: str, namespace: str, name: str | None, query: dict[str, str],
-               body: bytes, user: str) -> dict[str, Any] | None:
+    def _route(
+        self,
+        method: str,
+        namespace: str,
+        name: str | None,
+        query: dict[str, str],
+        body: bytes,
+        user: str,
+    ) -> dict[str, Any] | None:
         api, store = self.server.api, self.server.api.store
-        verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update",
-                "DELETE": "delete", "PATCH": "patch"}[method]
+        verb = {
+            "GET": "get" if name else "list",
+            "POST": "create",
+            "PUT": "update",
+            "DELETE": "delete",
+            "PATCH": "patch",
+        }[method]
         if method == "GET" and not name and query.get("watch") in ("true", "1"):
             verb = "watch"
         api._authorize(user, verb, namespace, name)
         if verb == "get":
             obj = store.objects.get((namespace, name or ""))
             if obj is None:
-                raise ApiError(404, f'secrets "{name}" not found', None,
-                               {"name": name, "kind": "secrets"})
+                raise ApiError(
+                    404, f'secrets "{name}" not found', None, {"name": name, "kind": "secrets"}
+                )
             return obj
         if verb == "list":
             with store.changed:
                 items = [o for (ns, _), o in sorted(store.objects.items()) if ns == namespace]
                 items = _select(items, query.get("fieldSelector"))
-                return {"kind": "SecretList", "apiVersion": "v1",
-                        "metadata": {"resourceVersion": str(store.rv)}, "items": items}
+                return {
+                    "kind": "SecretList",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(store.rv)},
+                    "items": items,
+                }
         if verb == "watch":
             self._watch(namespace, query)
             return None
         if verb in ("create", "update"):
             obj = _parse_secret(body, name)
             meta = obj.get("metadata", {})
-            return store.put(namespace, meta["name"], obj.get("data") or {},
-                             create=verb == "create", expect_rv=meta.get("resourceVersion"),
-                             type_=obj.get("type", "Opaque"))
+            return store.put(
+                namespace,
+                meta["name"],
+                obj.get("data") or {},
+                create=verb == "create",
+                expect_rv=meta.get("resourceVersion"),
+                type_=obj.get("type", "Opaque"),
+            )
         if verb == "delete":
             return store.delete(namespace, name or "")
         raise ApiError(405, f"{method} is not supported by this stand-in")
@@ -423,12 +521,20 @@ class _Handler(BaseHTTPRequestHandler):
         with store.changed:
             if since == "0":
                 # No version: the current state as ADDED events, then changes.
-                backlog = [_Event(store.rv, "ADDED", o) for (ns, _), o
-                           in sorted(store.objects.items()) if ns == namespace]
+                backlog = [
+                    _Event(store.rv, "ADDED", o)
+                    for (ns, _), o in sorted(store.objects.items())
+                    if ns == namespace
+                ]
                 cursor = store.rv
             elif int(since) < store.oldest_rv:
-                backlog = [_Event(0, "ERROR", status_body(
-                    410, f"too old resource version: {since} ({store.oldest_rv})"))]
+                backlog = [
+                    _Event(
+                        0,
+                        "ERROR",
+                        status_body(410, f"too old resource version: {since} ({store.oldest_rv})"),
+                    )
+                ]
                 cursor = -1
             else:
                 cursor = int(since)
@@ -443,7 +549,8 @@ class _Handler(BaseHTTPRequestHandler):
                 for event in fresh:
                     cursor = event.rv
                     if event.obj["metadata"]["namespace"] == namespace and _select(
-                            [event.obj], selector):
+                        [event.obj], selector
+                    ):
                         self._chunk(event)
             self.wfile.write(b"0\r\n\r\n")
         except OSError:

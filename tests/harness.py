@@ -56,8 +56,15 @@ def unmount_below(path: Path | str) -> None:
 def read_as(path: Path | str, uid: int = NOBODY, gid: int = NOBODY) -> bytes | int:
     """The file's bytes as read by `uid`, or the errno the read failed with."""
     # cat rather than Python: the test's interpreter may sit where `uid` cannot reach.
-    out = subprocess.run(["cat", "--", str(path)], user=uid, group=gid, extra_groups=[],
-                         capture_output=True, check=False, timeout=30)
+    out = subprocess.run(
+        ["cat", "--", str(path)],
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
     if out.returncode == 0:
         return out.stdout
     reason = out.stderr.decode().strip().rsplit(": ", 1)[-1]
@@ -83,14 +90,29 @@ class Driver:
         return f"unix://{self.socket}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "secretfs.csi", "serve", "--endpoint", self.endpoint,
-                "--node-id", "node-1", "--kubeconfig", str(self.kubeconfig),
-                "--kubelet-dir", str(self.kubelet_dir), "--state-dir", str(self.state_dir),
-                "--api-retry-budget", "3", *self.extra_args]
+        return [
+            sys.executable,
+            "-m",
+            "secretfs.csi",
+            "serve",
+            "--endpoint",
+            self.endpoint,
+            "--node-id",
+            "node-1",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--kubelet-dir",
+            str(self.kubelet_dir),
+            "--state-dir",
+            str(self.state_dir),
+            "--api-retry-budget",
+            "3",
+            *self.extra_args,
+        ]
 
     def start(self, timeout: float = 20.0) -> Driver:
         (self.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout
@@ -163,9 +185,16 @@ class Kubelet:
     driver: Driver
     namespace: str = "default"
 
-    def volume(self, secret: str = "db", *, pod_uid: str | None = None, name: str = "secrets",
-               attributes: dict[str, str] | None = None, namespace: str | None = None,
-               mount: bool = True) -> Volume:
+    def volume(
+        self,
+        secret: str = "db",
+        *,
+        pod_uid: str | None = None,
+        name: str = "secrets",
+        attributes: dict[str, str] | None = None,
+        namespace: str | None = None,
+        mount: bool = True,
+    ) -> Volume:
         """A publish request for one inline volume, with its parent directory prepared."""
         pod_uid = pod_uid or str(uuid.uuid4())
         volume_id = "csi-" + hashlib.sha256(f"{pod_uid}{name}".encode()).hexdigest()
@@ -175,9 +204,15 @@ class Kubelet:
             if directory == self.driver.workdir:
                 break
             directory.chmod(0o755)  # so a test can read as an unprivileged user
-        (parent / "vol_data.json").write_text(json.dumps({
-            "driverName": "secretfs.csi.io", "volumeHandle": volume_id,
-            "volumeLifecycleMode": "Ephemeral"}))
+        (parent / "vol_data.json").write_text(
+            json.dumps(
+                {
+                    "driverName": "secretfs.csi.io",
+                    "volumeHandle": volume_id,
+                    "volumeLifecycleMode": "Ephemeral",
+                }
+            )
+        )
         context = {
             "csi.storage.k8s.io/pod.name": "app",
             "csi.storage.k8s.io/pod.namespace": namespace or self.namespace,
@@ -189,14 +224,20 @@ class Kubelet:
         context.update(attributes or {})
         capability = csi_pb2.VolumeCapability(
             access_mode=csi_pb2.VolumeCapability.AccessMode(
-                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            )
+        )
         if mount:
             capability.mount.SetInParent()
         else:
             capability.block.SetInParent()
         request = csi_pb2.NodePublishVolumeRequest(
-            volume_id=volume_id, target_path=str(parent / "mount"), readonly=True,
-            volume_capability=capability, volume_context=context)
+            volume_id=volume_id,
+            target_path=str(parent / "mount"),
+            readonly=True,
+            volume_capability=capability,
+            volume_context=context,
+        )
         return Volume(volume_id, parent / "mount", request)
 
     def publish(self, volume: Volume, timeout: float = 30.0) -> None:
@@ -204,9 +245,11 @@ class Kubelet:
 
     def unpublish(self, volume: Volume, timeout: float = 30.0) -> None:
         self.driver.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id,
-                                               target_path=str(volume.target)),
-            timeout=timeout)
+            csi_pb2.NodeUnpublishVolumeRequest(
+                volume_id=volume.volume_id, target_path=str(volume.target)
+            ),
+            timeout=timeout,
+        )
 
 
 def code_of(call: Any, *args: Any, **kwargs: Any) -> grpc.StatusCode:

@@ -34,21 +34,23 @@ def test_identity_answers_name_version_no_controller_and_ready(new_driver: Drive
 
 
 def test_node_info_names_the_node_and_unsupported_calls_are_unimplemented(
-        new_driver: Driver) -> None:
+    new_driver: Driver,
+) -> None:
     driver = new_driver.start()
     node = driver.node
 
     assert node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "node-1"
     assert list(node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities) == []
-    for call, request in [(node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest()),
-                          (node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest()),
-                          (node.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest()),
-                          (node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest())]:
+    for call, request in [
+        (node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest()),
+        (node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest()),
+        (node.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest()),
+        (node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest()),
+    ]:
         assert code_of(call, request) == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_sigterm_unmounts_the_filesystem_removes_the_socket_and_exits_0(
-        new_driver: Driver) -> None:
+def test_sigterm_unmounts_the_filesystem_removes_the_socket_and_exits_0(new_driver: Driver) -> None:
     driver = new_driver.start()
     kubelet = Kubelet(driver)
     volume = kubelet.volume("db")
@@ -66,7 +68,8 @@ def test_sigterm_unmounts_the_filesystem_removes_the_socket_and_exits_0(
 
 
 def test_a_crashed_run_leaves_nothing_that_stops_a_new_start_and_its_volumes_unpublish(
-        new_driver: Driver) -> None:
+    new_driver: Driver,
+) -> None:
     driver = new_driver.start()
     kubelet = Kubelet(driver)
     volume = kubelet.volume("db")

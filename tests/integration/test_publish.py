@@ -44,7 +44,8 @@ def db(api: FakeKubeAPI) -> dict[str, bytes]:
 
 
 def test_a_non_root_reader_sees_each_key_as_a_file_with_its_exact_bytes(
-        kubelet: Kubelet, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
 
@@ -56,7 +57,8 @@ def test_a_non_root_reader_sees_each_key_as_a_file_with_its_exact_bytes(
 
 
 def test_files_are_0444_and_directories_0555_owned_by_root(
-        kubelet: Kubelet, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
 
@@ -70,7 +72,8 @@ def test_files_are_0444_and_directories_0555_owned_by_root(
 
 
 def test_the_target_is_a_read_only_nosuid_nodev_noexec_bind_mount(
-        kubelet: Kubelet, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
 
@@ -78,8 +81,9 @@ def test_the_target_is_a_read_only_nosuid_nodev_noexec_bind_mount(
     kubelet.unpublish(volume)
 
 
-def test_the_state_dir_is_private_to_root(kubelet: Kubelet, driver: Driver,
-                                          db: dict[str, bytes]) -> None:
+def test_the_state_dir_is_private_to_root(
+    kubelet: Kubelet, driver: Driver, db: dict[str, bytes]
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
     inside = driver.state_dir / volume_dirs(driver)[0] / "password"
@@ -90,9 +94,9 @@ def test_the_state_dir_is_private_to_root(kubelet: Kubelet, driver: Driver,
 
 
 MUTATIONS = {
-    "open for writing": lambda p: open(p / "password", "wb"),  # noqa: SIM115
-    "open for append": lambda p: open(p / "password", "ab"),  # noqa: SIM115
-    "create": lambda p: open(p / "new", "xb"),  # noqa: SIM115
+    "open for writing": lambda p: open(p / "password", "wb"),
+    "open for append": lambda p: open(p / "password", "ab"),
+    "create": lambda p: open(p / "new", "xb"),
     "mkdir": lambda p: os.mkdir(p / "d"),
     "unlink": lambda p: os.unlink(p / "password"),
     "rmdir": lambda p: os.rmdir(p / "password"),
@@ -110,8 +114,9 @@ MUTATIONS = {
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=list(MUTATIONS))
-def test_every_change_fails_with_erofs_even_for_root(kubelet: Kubelet, db: dict[str, bytes],
-                                                      mutation: str) -> None:
+def test_every_change_fails_with_erofs_even_for_root(
+    kubelet: Kubelet, db: dict[str, bytes], mutation: str
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
 
@@ -123,8 +128,7 @@ def test_every_change_fails_with_erofs_even_for_root(kubelet: Kubelet, db: dict[
     kubelet.unpublish(volume)
 
 
-def test_a_secret_without_data_is_an_empty_directory(kubelet: Kubelet,
-                                                     api: FakeKubeAPI) -> None:
+def test_a_secret_without_data_is_an_empty_directory(kubelet: Kubelet, api: FakeKubeAPI) -> None:
     api.set_secret("default", "nothing", {})
     volume = kubelet.volume("nothing")
     kubelet.publish(volume)
@@ -134,7 +138,8 @@ def test_a_secret_without_data_is_an_empty_directory(kubelet: Kubelet,
 
 
 def test_a_large_value_and_thousands_of_keys_are_served_completely(
-        kubelet: Kubelet, api: FakeKubeAPI) -> None:
+    kubelet: Kubelet, api: FakeKubeAPI
+) -> None:
     values = {f"key-{i:05d}": f"value {i}".encode() for i in range(3000)}
     values["big"] = os.urandom(1 << 20)
     api.set_secret("default", "many", values)
@@ -149,7 +154,8 @@ def test_a_large_value_and_thousands_of_keys_are_served_completely(
 
 
 def test_unpublish_removes_the_mount_the_target_and_the_volume(
-        kubelet: Kubelet, driver: Driver, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, driver: Driver, db: dict[str, bytes]
+) -> None:
     before = volume_dirs(driver)
     volume = kubelet.volume("db")
     kubelet.publish(volume)
@@ -162,8 +168,9 @@ def test_unpublish_removes_the_mount_the_target_and_the_volume(
     assert volume_dirs(driver) == before
 
 
-def test_publishing_the_same_request_twice_mounts_once(kubelet: Kubelet,
-                                                       db: dict[str, bytes]) -> None:
+def test_publishing_the_same_request_twice_mounts_once(
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
     kubelet.publish(volume)
@@ -173,7 +180,8 @@ def test_publishing_the_same_request_twice_mounts_once(kubelet: Kubelet,
 
 
 def test_another_secret_for_a_published_target_is_already_exists(
-        kubelet: Kubelet, api: FakeKubeAPI, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, api: FakeKubeAPI, db: dict[str, bytes]
+) -> None:
     api.set_secret("default", "other", {"k": b"v"})
     volume = kubelet.volume("db")
     kubelet.publish(volume)
@@ -185,7 +193,8 @@ def test_another_secret_for_a_published_target_is_already_exists(
 
 
 def test_concurrent_publishes_of_one_target_end_with_one_mount(
-        kubelet: Kubelet, api: FakeKubeAPI, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, api: FakeKubeAPI, db: dict[str, bytes]
+) -> None:
     api.inject(Fault(delay=0.3, path="/secrets/db"))
     volume = kubelet.volume("db")
 
@@ -198,18 +207,28 @@ def test_concurrent_publishes_of_one_target_end_with_one_mount(
     kubelet.unpublish(volume)
 
 
-@pytest.mark.parametrize(("secret", "namespace", "fault", "expected"), [
-    ("missing", "default", None, grpc.StatusCode.NOT_FOUND),
-    ("db", "locked", None, grpc.StatusCode.PERMISSION_DENIED),
-    ("db", "default", Fault(status=401, times=99), grpc.StatusCode.UNAUTHENTICATED),
-    ("db", "default", Fault(status=503, times=999), grpc.StatusCode.UNAVAILABLE),
-    ("db", "default", Fault(status=500, times=999), grpc.StatusCode.UNAVAILABLE),
-    ("db", "default", Fault(drop=True, times=999), grpc.StatusCode.UNAVAILABLE),
-], ids=["404", "403", "401", "503", "500", "dropped"])
+@pytest.mark.parametrize(
+    ("secret", "namespace", "fault", "expected"),
+    [
+        ("missing", "default", None, grpc.StatusCode.NOT_FOUND),
+        ("db", "locked", None, grpc.StatusCode.PERMISSION_DENIED),
+        ("db", "default", Fault(status=401, times=99), grpc.StatusCode.UNAUTHENTICATED),
+        ("db", "default", Fault(status=503, times=999), grpc.StatusCode.UNAVAILABLE),
+        ("db", "default", Fault(status=500, times=999), grpc.StatusCode.UNAVAILABLE),
+        ("db", "default", Fault(drop=True, times=999), grpc.StatusCode.UNAVAILABLE),
+    ],
+    ids=["404", "403", "401", "503", "500", "dropped"],
+)
 def test_api_failures_answer_their_code_and_leave_nothing_behind(
-        kubelet: Kubelet, driver: Driver, api: FakeKubeAPI, db: dict[str, bytes],
-        secret: str, namespace: str, fault: Fault | None,
-        expected: grpc.StatusCode) -> None:
+    kubelet: Kubelet,
+    driver: Driver,
+    api: FakeKubeAPI,
+    db: dict[str, bytes],
+    secret: str,
+    namespace: str,
+    fault: Fault | None,
+    expected: grpc.StatusCode,
+) -> None:
     api.set_secret("locked", "db", {"k": b"v"})
     if fault is not None:
         api.inject(fault)
@@ -223,8 +242,9 @@ def test_api_failures_answer_their_code_and_leave_nothing_behind(
     assert volume_dirs(driver) == before
 
 
-def test_a_transient_api_failure_is_retried(kubelet: Kubelet, api: FakeKubeAPI,
-                                            db: dict[str, bytes]) -> None:
+def test_a_transient_api_failure_is_retried(
+    kubelet: Kubelet, api: FakeKubeAPI, db: dict[str, bytes]
+) -> None:
     api.inject(Fault(status=503, times=2, path="/secrets/db"))
     gets_before = api.count("GET", "/secrets/db")
     volume = kubelet.volume("db")
@@ -236,8 +256,9 @@ def test_a_transient_api_failure_is_retried(kubelet: Kubelet, api: FakeKubeAPI,
     kubelet.unpublish(volume)
 
 
-def test_a_namespace_attribute_is_refused_and_never_honoured(kubelet: Kubelet,
-                                                              api: FakeKubeAPI) -> None:
+def test_a_namespace_attribute_is_refused_and_never_honoured(
+    kubelet: Kubelet, api: FakeKubeAPI
+) -> None:
     api.set_secret("locked", "db", {"k": b"v"})
     volume = kubelet.volume("db", attributes={"namespace": "locked"})
 
@@ -245,8 +266,7 @@ def test_a_namespace_attribute_is_refused_and_never_honoured(kubelet: Kubelet,
     assert not os.path.lexists(volume.target)
 
 
-def test_unpublish_of_an_unknown_volume_or_a_missing_target_succeeds(
-        kubelet: Kubelet) -> None:
+def test_unpublish_of_an_unknown_volume_or_a_missing_target_succeeds(kubelet: Kubelet) -> None:
     volume = kubelet.volume("db")
 
     kubelet.unpublish(volume)
@@ -255,7 +275,8 @@ def test_unpublish_of_an_unknown_volume_or_a_missing_target_succeeds(
 
 
 def test_an_open_file_of_an_unpublished_volume_reads_estale_and_others_keep_serving(
-        kubelet: Kubelet, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
     doomed, survivor = kubelet.volume("db"), kubelet.volume("db")
     kubelet.publish(doomed)
     kubelet.publish(survivor)
@@ -273,7 +294,8 @@ def test_an_open_file_of_an_unpublished_volume_reads_estale_and_others_keep_serv
 
 
 def test_reads_racing_an_unpublish_get_an_errno_and_the_driver_survives(
-        kubelet: Kubelet, driver: Driver, db: dict[str, bytes]) -> None:
+    kubelet: Kubelet, driver: Driver, db: dict[str, bytes]
+) -> None:
     volume = kubelet.volume("db")
     kubelet.publish(volume)
     outcomes: set[str] = set()

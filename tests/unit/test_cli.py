@@ -12,31 +12,49 @@ from secretfs.csi import cli, mounts
 from secretfs.csi.pb import csi_pb2
 from secretfs.csi.server import call_fields, socket_path
 
-FLAGS = ["--endpoint", "--node-id", "--driver-name", "--kubeconfig", "--kubelet-dir",
-         "--auth-mode", "--state-dir", "--log-format", "--verbose", "--api-retry-budget"]
+FLAGS = [
+    "--endpoint",
+    "--node-id",
+    "--driver-name",
+    "--kubeconfig",
+    "--kubelet-dir",
+    "--auth-mode",
+    "--state-dir",
+    "--log-format",
+    "--verbose",
+    "--api-retry-budget",
+]
 
 
 def test_serve_help_explains_every_flag() -> None:
-    out = subprocess.run([sys.executable, "-m", "secretfs.csi", "serve", "--help"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "secretfs.csi", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
     for flag in FLAGS:
         assert flag in out.stdout
     assert "SIGTERM" in out.stdout
 
 
-def test_serve_without_root_exits_2_with_the_reason(monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_without_root_exits_2_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
 
     assert cli.main(["serve", "--node-id", "n"]) == 2
     assert "serve needs root" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("endpoint", "path"), [
-    ("unix:///csi/csi.sock", "/csi/csi.sock"),
-    ("unix:/csi/csi.sock", "/csi/csi.sock"),
-])
+@pytest.mark.parametrize(
+    ("endpoint", "path"),
+    [
+        ("unix:///csi/csi.sock", "/csi/csi.sock"),
+        ("unix:/csi/csi.sock", "/csi/csi.sock"),
+    ],
+)
 def test_unix_endpoints_name_a_socket_path(endpoint: str, path: str) -> None:
     assert socket_path(endpoint) == path
 
@@ -49,17 +67,24 @@ def test_other_endpoints_are_refused(endpoint: str) -> None:
 
 def test_a_call_log_names_the_volume_target_and_pod_but_nothing_secret() -> None:
     request = csi_pb2.NodePublishVolumeRequest(
-        volume_id="csi-1", target_path="/var/lib/kubelet/pods/u/v/mount",
+        volume_id="csi-1",
+        target_path="/var/lib/kubelet/pods/u/v/mount",
         secrets={"password": "hunter2"},
-        volume_context={"csi.storage.k8s.io/pod.namespace": "ns",
-                        "csi.storage.k8s.io/pod.name": "app",
-                        "csi.storage.k8s.io/serviceAccount.tokens": '{"": {"token": "eyJ"}}',
-                        "secretName": "db"})
+        volume_context={
+            "csi.storage.k8s.io/pod.namespace": "ns",
+            "csi.storage.k8s.io/pod.name": "app",
+            "csi.storage.k8s.io/serviceAccount.tokens": '{"": {"token": "eyJ"}}',
+            "secretName": "db",
+        },
+    )
 
     fields = call_fields(request)
 
-    assert fields == {"volume_id": "csi-1", "target_path": "/var/lib/kubelet/pods/u/v/mount",
-                      "pod": "ns/app"}
+    assert fields == {
+        "volume_id": "csi-1",
+        "target_path": "/var/lib/kubelet/pods/u/v/mount",
+        "pod": "ns/app",
+    }
 
 
 def test_the_mount_table_parser_unescapes_paths(tmp_path: Path) -> None:
@@ -67,7 +92,8 @@ def test_the_mount_table_parser_unescapes_paths(tmp_path: Path) -> None:
     table.write_text(
         "36 25 0:32 /vol\\040dir /var/lib/kubelet/pods/u/a\\040b/mount ro,nosuid - "
         "fuse.secretfs secretfs ro,user_id=0\n"
-        "37 25 0:33 / /run/secretfs rw shared:1 - fuse.secretfs secretfs rw\n")
+        "37 25 0:33 / /run/secretfs rw shared:1 - fuse.secretfs secretfs rw\n"
+    )
 
     first, second = mounts.mount_table(str(table))
 

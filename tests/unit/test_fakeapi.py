@@ -15,16 +15,16 @@ from tests.fakeapi import ADMIN, FakeKubeAPI, Fault
 class Client:
     def __init__(self, api: FakeKubeAPI, token: str | None) -> None:
         context = ssl.create_default_context(cafile=str(api.ca_file))
-        self._conn = http.client.HTTPSConnection("127.0.0.1", int(api.url.rsplit(":", 1)[1]),
-                                                 context=context, timeout=10)
+        self._conn = http.client.HTTPSConnection(
+            "127.0.0.1", int(api.url.rsplit(":", 1)[1]), context=context, timeout=10
+        )
         self._token = token
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        self._conn.request(method, path, json.dumps(body) if body is not None else None,
-                           headers)
+        self._conn.request(method, path, json.dumps(body) if body is not None else None, headers)
         response = self._conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
 
@@ -49,7 +49,8 @@ def secret(name: str, rv: str | None = None, **data: str) -> dict[str, Any]:
 
 
 def test_failures_are_status_objects_with_code_reason_and_message(
-        api: FakeKubeAPI, admin: Client) -> None:
+    api: FakeKubeAPI, admin: Client
+) -> None:
     code, body = admin.call("GET", f"{SECRETS}/nope")
 
     assert code == 404
@@ -65,9 +66,11 @@ def test_no_token_is_401_and_an_ungranted_user_is_403(api: FakeKubeAPI) -> None:
     assert (code, body["reason"]) == (401, "Unauthorized")
     code, body = stranger.call("GET", f"{SECRETS}/x")
     assert (code, body["reason"]) == (403, "Forbidden")
-    assert body["message"] == ('secrets "x" is forbidden: User "system:serviceaccount:ns1:app" '
-                               'cannot get resource "secrets" in API group "" in the namespace '
-                               '"ns1"')
+    assert body["message"] == (
+        'secrets "x" is forbidden: User "system:serviceaccount:ns1:app" '
+        'cannot get resource "secrets" in API group "" in the namespace '
+        '"ns1"'
+    )
 
 
 def test_a_grant_for_one_name_allows_only_that_name(api: FakeKubeAPI, admin: Client) -> None:
@@ -80,8 +83,7 @@ def test_a_grant_for_one_name_allows_only_that_name(api: FakeKubeAPI, admin: Cli
     assert alice.call("GET", f"{SECRETS}/two")[0] == 403
 
 
-def test_every_write_bumps_the_resource_version_and_stale_updates_conflict(
-        admin: Client) -> None:
+def test_every_write_bumps_the_resource_version_and_stale_updates_conflict(admin: Client) -> None:
     code, created = admin.call("POST", SECRETS, secret("rv-test", k="eA=="))
     assert code == 201
     rv = created["metadata"]["resourceVersion"]
@@ -105,7 +107,8 @@ def test_a_watch_streams_changes_after_the_given_version(admin: Client, api: Fak
     _, listed = admin.call("GET", SECRETS)
     since = listed["metadata"]["resourceVersion"]
     stream = Client(api, admin._token).watch(
-        f"{SECRETS}?watch=true&resourceVersion={since}&timeoutSeconds=2")
+        f"{SECRETS}?watch=true&resourceVersion={since}&timeoutSeconds=2"
+    )
     admin.call("POST", SECRETS, secret("watched", k="eA=="))
     admin.call("DELETE", f"{SECRETS}/watched")
 
@@ -116,8 +119,7 @@ def test_a_watch_streams_changes_after_the_given_version(admin: Client, api: Fak
     assert int(mine[0]["object"]["metadata"]["resourceVersion"]) > int(since)
 
 
-def test_a_watch_from_a_compacted_version_gets_410_expired(admin: Client,
-                                                           api: FakeKubeAPI) -> None:
+def test_a_watch_from_a_compacted_version_gets_410_expired(admin: Client, api: FakeKubeAPI) -> None:
     _, listed = admin.call("GET", SECRETS)
     old = listed["metadata"]["resourceVersion"]
     admin.call("POST", SECRETS, secret("compacted", k="eA=="))
@@ -131,7 +133,8 @@ def test_a_watch_from_a_compacted_version_gets_410_expired(admin: Client,
 
 
 def test_injected_faults_hit_only_matching_requests_for_their_count(
-        api: FakeKubeAPI, admin: Client) -> None:
+    api: FakeKubeAPI, admin: Client
+) -> None:
     admin.call("POST", SECRETS, secret("faulty", k="eA=="))
     api.inject(Fault(status=503, times=2, path="/faulty"))
 

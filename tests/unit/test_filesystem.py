@@ -37,8 +37,11 @@ def errno_of(coroutine: Coroutine[Any, Any, Any]) -> int:
 @pytest.fixture
 def fs() -> SecretFS:
     fs = SecretFS()
-    fs.add_volume("vol", {"password": SecretBuffer.from_bytes(b"hunter2"),
-                          "empty": SecretBuffer.from_bytes(b"")}, Layout())
+    fs.add_volume(
+        "vol",
+        {"password": SecretBuffer.from_bytes(b"hunter2"), "empty": SecretBuffer.from_bytes(b"")},
+        Layout(),
+    )
     return fs
 
 
@@ -53,8 +56,9 @@ def open_file(fs: SecretFS, *names: str) -> int:
     return run(fs.open(inode_of(fs, *names), os.O_RDONLY, None)).fh
 
 
-def listing(fs: SecretFS, inode: int, monkeypatch: pytest.MonkeyPatch,
-            page: int = 1000) -> list[bytes]:
+def listing(
+    fs: SecretFS, inode: int, monkeypatch: pytest.MonkeyPatch, page: int = 1000
+) -> list[bytes]:
     """All names readdir returns when the kernel takes `page` entries per request."""
     names: list[bytes] = []
     batch: list[bytes] = []
@@ -155,7 +159,8 @@ def test_removing_a_volume_wipes_its_buffers(fs: SecretFS) -> None:
 
 
 def test_an_unexpected_error_is_logged_and_answered_eio(
-        fs: SecretFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fs: SecretFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     fh = open_file(fs, "vol", "password")
 
     def explode(*args: object) -> None:
@@ -169,7 +174,8 @@ def test_an_unexpected_error_is_logged_and_answered_eio(
 
 
 def test_readdir_of_thousands_of_keys_is_complete_sorted_and_stable_across_pages(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     fs = SecretFS()
     names = [f"key-{i}" for i in range(5000)]
     fs.add_volume("big", {n: SecretBuffer.from_bytes(n.encode()) for n in names}, Layout())
@@ -181,7 +187,8 @@ def test_readdir_of_thousands_of_keys_is_complete_sorted_and_stable_across_pages
 
 
 def test_the_root_listing_is_a_snapshot_unaffected_by_volumes_coming_and_going(
-        fs: SecretFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs: SecretFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fs.add_volume("b", {}, Layout())
     monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *a: True)
     fh = run(fs.opendir(ROOT, None))

@@ -15,8 +15,9 @@ from tests.fakeapi import FakeKubeAPI, Fault
 
 @pytest.fixture
 def reader(api: FakeKubeAPI, driver_token: str, tmp_path: Path) -> SecretReader:
-    return SecretReader(connect(str(api.write_kubeconfig(tmp_path / "kc", driver_token))),
-                        budget=1.0)
+    return SecretReader(
+        connect(str(api.write_kubeconfig(tmp_path / "kc", driver_token))), budget=1.0
+    )
 
 
 def fetch_code(reader: SecretReader, namespace: str, name: str) -> tuple[grpc.StatusCode, str]:
@@ -25,8 +26,7 @@ def fetch_code(reader: SecretReader, namespace: str, name: str) -> tuple[grpc.St
     return failure.value.code, str(failure.value)
 
 
-def test_values_arrive_byte_exact_in_locked_buffers(reader: SecretReader,
-                                                    api: FakeKubeAPI) -> None:
+def test_values_arrive_byte_exact_in_locked_buffers(reader: SecretReader, api: FakeKubeAPI) -> None:
     values = {"bin": bytes(range(256)), "empty": b"", "text": "héllo".encode()}
     api.set_secret("default", "exact", values)
 
@@ -36,13 +36,21 @@ def test_values_arrive_byte_exact_in_locked_buffers(reader: SecretReader,
     assert all(b.locked for b in buffers.values() if len(b))
 
 
-@pytest.mark.parametrize(("namespace", "name", "code", "words"), [
-    ("default", "absent", grpc.StatusCode.NOT_FOUND, 'secrets "absent" not found'),
-    ("locked", "db", grpc.StatusCode.PERMISSION_DENIED, f'User "{DRIVER_USER}" cannot get'),
-])
+@pytest.mark.parametrize(
+    ("namespace", "name", "code", "words"),
+    [
+        ("default", "absent", grpc.StatusCode.NOT_FOUND, 'secrets "absent" not found'),
+        ("locked", "db", grpc.StatusCode.PERMISSION_DENIED, f'User "{DRIVER_USER}" cannot get'),
+    ],
+)
 def test_refusals_map_to_their_code_and_carry_the_api_message(
-        reader: SecretReader, api: FakeKubeAPI, namespace: str, name: str,
-        code: grpc.StatusCode, words: str) -> None:
+    reader: SecretReader,
+    api: FakeKubeAPI,
+    namespace: str,
+    name: str,
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
     api.set_secret("locked", "db", {"k": b"v"})
 
     got, message = fetch_code(reader, namespace, name)
@@ -57,8 +65,9 @@ def test_an_unknown_token_is_unauthenticated(api: FakeKubeAPI, tmp_path: Path) -
     assert fetch_code(reader, "default", "db")[0] == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_server_errors_are_retried_until_the_budget_is_spent(reader: SecretReader,
-                                                             api: FakeKubeAPI) -> None:
+def test_server_errors_are_retried_until_the_budget_is_spent(
+    reader: SecretReader, api: FakeKubeAPI
+) -> None:
     api.inject(Fault(status=500, times=10_000, path="/secrets/flaky"))
     before = api.count("GET", "/secrets/flaky")
     start = time.monotonic()
@@ -71,8 +80,7 @@ def test_server_errors_are_retried_until_the_budget_is_spent(reader: SecretReade
     assert 0.5 < elapsed < 2.0
 
 
-def test_429_and_dropped_connections_are_transient(reader: SecretReader,
-                                                   api: FakeKubeAPI) -> None:
+def test_429_and_dropped_connections_are_transient(reader: SecretReader, api: FakeKubeAPI) -> None:
     api.set_secret("default", "bumpy", {"k": b"v"})
     api.inject(Fault(status=429, path="/secrets/bumpy"))
     api.inject(Fault(drop=True, path="/secrets/bumpy"))
@@ -88,8 +96,7 @@ def test_a_slow_api_counts_against_the_budget(reader: SecretReader, api: FakeKub
     assert time.monotonic() - start < 2.5
 
 
-def test_the_connection_is_kept_alive_between_reads(reader: SecretReader,
-                                                    api: FakeKubeAPI) -> None:
+def test_the_connection_is_kept_alive_between_reads(reader: SecretReader, api: FakeKubeAPI) -> None:
     api.set_secret("default", "db", {"k": b"v"})
     reader.read("default", "db")
     before = api.connections
@@ -100,8 +107,9 @@ def test_the_connection_is_kept_alive_between_reads(reader: SecretReader,
     assert api.connections == before
 
 
-def test_a_key_that_cannot_be_a_file_name_is_failed_precondition(reader: SecretReader,
-                                                                 api: FakeKubeAPI) -> None:
+def test_a_key_that_cannot_be_a_file_name_is_failed_precondition(
+    reader: SecretReader, api: FakeKubeAPI
+) -> None:
     api.store.put("default", "odd", {"..": "eA=="}, create=True)
 
     assert fetch_code(reader, "default", "odd")[0] == grpc.StatusCode.FAILED_PRECONDITION

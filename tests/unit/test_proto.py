@@ -17,31 +17,54 @@ PROTO = Path(__file__).resolve().parents[2] / "protos" / "csi.proto"
 # Field numbers and types from the CSI v1 specification.
 SPEC_FIELDS = {
     "NodePublishVolumeRequest": {
-        "volume_id": (1, "string"), "publish_context": (2, "map"),
-        "staging_target_path": (3, "string"), "target_path": (4, "string"),
-        "volume_capability": (5, "message"), "readonly": (6, "bool"),
-        "secrets": (7, "map"), "volume_context": (8, "map"),
+        "volume_id": (1, "string"),
+        "publish_context": (2, "map"),
+        "staging_target_path": (3, "string"),
+        "target_path": (4, "string"),
+        "volume_capability": (5, "message"),
+        "readonly": (6, "bool"),
+        "secrets": (7, "map"),
+        "volume_context": (8, "map"),
     },
     "NodeUnpublishVolumeRequest": {"volume_id": (1, "string"), "target_path": (2, "string")},
-    "VolumeCapability": {"block": (1, "message"), "mount": (2, "message"),
-                         "access_mode": (3, "message")},
-    "VolumeCapability.MountVolume": {"fs_type": (1, "string"), "mount_flags": (2, "string"),
-                                     "volume_mount_group": (3, "string")},
-    "GetPluginInfoResponse": {"name": (1, "string"), "vendor_version": (2, "string"),
-                              "manifest": (3, "map")},
+    "VolumeCapability": {
+        "block": (1, "message"),
+        "mount": (2, "message"),
+        "access_mode": (3, "message"),
+    },
+    "VolumeCapability.MountVolume": {
+        "fs_type": (1, "string"),
+        "mount_flags": (2, "string"),
+        "volume_mount_group": (3, "string"),
+    },
+    "GetPluginInfoResponse": {
+        "name": (1, "string"),
+        "vendor_version": (2, "string"),
+        "manifest": (3, "map"),
+    },
     "GetPluginCapabilitiesResponse": {"capabilities": (1, "message")},
     "ProbeResponse": {"ready": (1, "message")},
-    "NodeGetInfoResponse": {"node_id": (1, "string"), "max_volumes_per_node": (2, "int64"),
-                            "accessible_topology": (3, "message")},
+    "NodeGetInfoResponse": {
+        "node_id": (1, "string"),
+        "max_volumes_per_node": (2, "int64"),
+        "accessible_topology": (3, "message"),
+    },
     "NodeGetCapabilitiesResponse": {"capabilities": (1, "message")},
     "NodeServiceCapability.RPC": {"type": (1, "enum")},
 }
 
 SPEC_METHODS = {
     "Identity": ["GetPluginInfo", "GetPluginCapabilities", "Probe"],
-    "Node": ["NodeStageVolume", "NodeUnstageVolume", "NodePublishVolume",
-             "NodeUnpublishVolume", "NodeGetVolumeStats", "NodeExpandVolume",
-             "NodeGetCapabilities", "NodeGetInfo"],
+    "Node": [
+        "NodeStageVolume",
+        "NodeUnstageVolume",
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+        "NodeGetVolumeStats",
+        "NodeExpandVolume",
+        "NodeGetCapabilities",
+        "NodeGetInfo",
+    ],
 }
 
 
@@ -50,8 +73,13 @@ def type_name(field: object) -> str:
 
     if field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:  # type: ignore[attr-defined]
         return "map"
-    return {F.TYPE_STRING: "string", F.TYPE_BOOL: "bool", F.TYPE_INT64: "int64",
-            F.TYPE_MESSAGE: "message", F.TYPE_ENUM: "enum"}[field.type]  # type: ignore[attr-defined]
+    return {
+        F.TYPE_STRING: "string",
+        F.TYPE_BOOL: "bool",
+        F.TYPE_INT64: "int64",
+        F.TYPE_MESSAGE: "message",
+        F.TYPE_ENUM: "enum",
+    }[field.type]  # type: ignore[attr-defined]
 
 
 def message(path: str) -> object:
@@ -88,8 +116,18 @@ def test_the_secrets_field_is_marked_secret() -> None:
 def test_the_installed_stubs_were_built_from_this_checkouts_proto(tmp_path: Path) -> None:
     out = tmp_path / "set.pb"
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO.parent}",
-                    f"-I{well_known}", f"--descriptor_set_out={out}", str(PROTO)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO.parent}",
+            f"-I{well_known}",
+            f"--descriptor_set_out={out}",
+            str(PROTO),
+        ],
+        check=True,
+    )
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     _drop_json_names(fresh.message_type)  # the Python stubs never embed them
     for extension in fresh.extension:

@@ -17,16 +17,21 @@ TARGET = f"{PODS}/1234/volumes/kubernetes.io~csi/secrets/mount"
 
 
 def request(**changes: Any) -> csi_pb2.NodePublishVolumeRequest:
-    context = {"secretName": "db", "csi.storage.k8s.io/pod.namespace": "default",
-               "csi.storage.k8s.io/pod.name": "app", "csi.storage.k8s.io/pod.uid": "1234",
-               "csi.storage.k8s.io/ephemeral": "true"}
+    context = {
+        "secretName": "db",
+        "csi.storage.k8s.io/pod.namespace": "default",
+        "csi.storage.k8s.io/pod.name": "app",
+        "csi.storage.k8s.io/pod.uid": "1234",
+        "csi.storage.k8s.io/ephemeral": "true",
+    }
     context.update(changes.pop("context", {}))
     for key in changes.pop("drop", ()):
         context.pop(key)
     fields: dict[str, Any] = {
-        "volume_id": "csi-" + "a" * 64, "target_path": TARGET, "readonly": True,
-        "volume_capability": csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume()),
+        "volume_id": "csi-" + "a" * 64,
+        "target_path": TARGET,
+        "readonly": True,
+        "volume_capability": csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume()),
         "volume_context": context,
     }
     fields.update(changes)
@@ -49,7 +54,8 @@ INVALID: dict[str, Callable[[], csi_pb2.NodePublishVolumeRequest]] = {
     "target with ..": lambda: request(target_path=f"{PODS}/x/../../../../etc"),
     "target not normalised": lambda: request(target_path=f"{PODS}//x/mount"),
     "no capability": lambda: csi_pb2.NodePublishVolumeRequest(
-        volume_id="v", target_path=TARGET, volume_context={"secretName": "db"}),
+        volume_id="v", target_path=TARGET, volume_context={"secretName": "db"}
+    ),
     "block access": lambda: request(volume_capability=block()),
     "no access type": lambda: request(volume_capability=csi_pb2.VolumeCapability()),
     "no pod namespace": lambda: request(drop=["csi.storage.k8s.io/pod.namespace"]),
@@ -92,7 +98,9 @@ def test_any_access_mode_is_accepted_since_the_volume_is_always_read_only() -> N
     capability = csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(),
         access_mode=csi_pb2.VolumeCapability.AccessMode(
-            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+        ),
+    )
 
     assert check_publish(request(volume_capability=capability), PODS).secret_name == "db"
 
