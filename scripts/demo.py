@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import make_workdir, remove_workdir  # noqa: E402
-from tests.fakeapi import FakeKubeAPI  # noqa: E402
-from tests.harness import Driver, Kubelet, mounts_below  # noqa: E402
+from tests.conftest import make_workdir, remove_workdir
+from tests.fakeapi import FakeKubeAPI
+from tests.harness import Driver, Kubelet, mounts_below
 
 NAMESPACE = "shop"
 SAMPLE = {
