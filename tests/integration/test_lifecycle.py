@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 
@@ -105,3 +106,21 @@ def test_publish_over_a_dead_mount_of_a_crashed_run_replaces_it(new_driver: Driv
     with open(volume.target / "password", "rb") as f:
         assert f.read() == b"hunter2"
     kubelet.unpublish(volume)
+
+
+def test_json_logs_are_one_object_per_line_with_the_calls_fields(new_driver: Driver) -> None:
+    new_driver.extra_args = ["--log-format", "json"]
+    driver = new_driver.start()
+    kubelet = Kubelet(driver)
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+    kubelet.unpublish(volume)
+    driver.stop()
+
+    entries = [json.loads(line) for line in driver.logs.splitlines() if line.strip()]
+
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    publish = [e for e in entries if e.get("method") == "NodePublishVolume"]
+    assert len(publish) == 1
+    assert publish[0]["code"] == "OK" and publish[0]["volume_id"] == volume.volume_id
+    assert publish[0]["pod"] == "default/app"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import grpc
 import pytest
@@ -318,3 +320,32 @@ def test_reads_racing_an_unpublish_get_an_errno_and_the_driver_survives(
     assert "wrong bytes" not in outcomes
     assert driver.process is not None and driver.process.poll() is None
     assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+
+
+def test_a_target_that_is_a_file_is_refused_and_nothing_is_left_behind(
+    kubelet: Kubelet, driver: Driver, db: dict[str, bytes]
+) -> None:
+    before = volume_dirs(driver)
+    volume = kubelet.volume("db")
+    volume.target.write_text("not a directory")
+
+    assert code_of(kubelet.publish, volume) == grpc.StatusCode.FAILED_PRECONDITION
+
+    assert volume.target.read_text() == "not a directory"
+    assert mounts_below(volume.target) == []
+    assert volume_dirs(driver) == before
+
+
+def test_a_target_reached_through_a_symlink_out_of_the_pods_folder_is_refused(
+    kubelet: Kubelet, driver: Driver, db: dict[str, bytes], tmp_path: Path
+) -> None:
+    volume = kubelet.volume("db")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.rmtree(volume.target.parent)
+    volume.target.parent.symlink_to(outside)
+
+    assert code_of(kubelet.publish, volume) == grpc.StatusCode.INVALID_ARGUMENT
+
+    assert list(outside.iterdir()) == []
+    assert mounts_below(outside) == []
