@@ -7,10 +7,12 @@ import errno
 import logging
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 
 from secretfs.csi import __version__, logs
+from secretfs.fs import memory
 
 log = logging.getLogger("secretfs")
 
@@ -78,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
         "server before answering UNAVAILABLE (default: %(default)s)",
     )
     serve.add_argument(
+        "--allow-unlocked-memory",
+        action="store_true",
+        help="UNSAFE: start even if memory cannot be locked (no CAP_IPC_LOCK and a small "
+        "memlock limit); secrets may then be written to swap",
+    )
+    serve.add_argument(
         "--log-format",
         choices=["text", "json"],
         default="text",
@@ -95,7 +103,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.command == "serve":
+        # Before anything can touch a secret: restart so freed memory is wiped.
+        memory.restart_with_wiping_allocator(["-m", "secretfs.csi", *argv])
     logs.setup(args.log_format, args.verbose)
     try:
         return serve(args)
@@ -135,13 +147,18 @@ def serve(args: argparse.Namespace) -> int:
         raise StartupError("serve needs root: it mounts a FUSE filesystem and bind mounts")
     if not os.path.exists("/dev/fuse"):
         raise StartupError("/dev/fuse is missing; the container needs the host's /dev/fuse")
+    try:
+        memory.forbid_dumps()
+        memory.lock_all_memory(args.allow_unlocked_memory)
+    except memory.MemoryProtectionError as exc:
+        raise StartupError(str(exc)) from None
     state_dir = os.path.abspath(args.state_dir)
     prepare_state_dir(state_dir)
     try:
-        api = connect(args.kubeconfig)
-    except Exception as exc:  # the client raises a variety of types for bad configs
-        raise StartupError(f"no usable Kubernetes credentials: {exc}") from None
-    reader = SecretReader(api, budget=args.api_retry_budget)
+        client, credentials = connect(args.kubeconfig)
+    except Exception as exc:  # the config loaders raise a variety of types
+        raise StartupError(f"no usable Kubernetes configuration: {exc}") from None
+    reader = SecretReader(client, credentials, budget=args.api_retry_budget)
 
     session = FuseSession(SecretFS(), state_dir)
     try:

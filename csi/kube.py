@@ -1,11 +1,15 @@
 """Reading Secrets from the Kubernetes API into locked buffers.
 
-One `SecretReader` serves every publish of the node. It asks the API server
-with the official client, keeps its HTTPS connections alive between calls,
-and turns every outcome into a `FetchError` carrying the gRPC code the
-kubelet should see. Transient failures (connection errors, 429, 5xx) are
-retried with capped exponential backoff inside a fixed time budget that
-stays well under the kubelet's two-minute deadline for NodePublishVolume.
+One `SecretReader` serves every publish of the node. The connection settings
+and the driver's own credentials come from the official `kubernetes` client's
+config loaders (kubeconfig or in-cluster, with their token refresh); the GET
+itself goes through `secretfs.csi.https`, which keeps every byte of the
+response in locked memory that is wiped after decoding.
+
+Every outcome becomes a `FetchError` carrying the gRPC code the kubelet
+should see. Transient failures (connection errors, 429, 5xx) are retried
+with capped exponential backoff inside a fixed time budget that stays well
+under the kubelet's two-minute deadline for NodePublishVolume.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+import os
 import random
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from urllib.parse import quote
 
 import grpc
 
-from secretfs.fs.buffer import SecretBuffer, scrub_bytes
+from secretfs.fs.buffer import SecretBuffer, scrub_bytes, scrub_str
+
+from . import __version__
+from .https import HttpError, HttpsClient, Response, server_from_url, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +37,7 @@ log = logging.getLogger(__name__)
 _KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 # A single request may take this long before it counts as a failed attempt.
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0
 
 # Backoff between attempts: 100 ms doubling to 2 s, with +-25 % jitter so
 # that many volumes failing at once do not retry in lockstep.
@@ -46,14 +53,15 @@ class FetchError(Exception):
         self.code = code
 
 
-class SecretsApi(Protocol):
-    def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> Any: ...
+Credentials = Callable[[], SecretBuffer | None]
 
 
-def connect(kubeconfig: str | None) -> SecretsApi:
-    """A CoreV1 client: `kubeconfig` if given, else in-cluster, else $KUBECONFIG."""
-    import os
+def connect(kubeconfig: str | None) -> tuple[HttpsClient, Credentials]:
+    """A client for the API server and the driver's own credentials.
 
+    `kubeconfig` if given, else the in-cluster service account, else
+    $KUBECONFIG or ~/.kube/config.
+    """
     from kubernetes import client, config
 
     configuration = client.Configuration()
@@ -65,37 +73,56 @@ def connect(kubeconfig: str | None) -> SecretsApi:
         config.load_incluster_config(client_configuration=configuration)
     else:
         config.load_kube_config(client_configuration=configuration, persist_config=False)
-    # Retries are ours (see SecretReader); the client must fail fast.
-    configuration.retries = False
-    return client.CoreV1Api(client.ApiClient(configuration))  # type: ignore[no-any-return]
+    context = tls_context(
+        configuration.ssl_ca_cert,
+        configuration.cert_file,
+        configuration.key_file,
+        configuration.verify_ssl,
+    )
+    server = server_from_url(configuration.host, context, configuration.tls_server_name)
+
+    def driver_credentials() -> SecretBuffer | None:
+        if configuration.refresh_api_key_hook is not None:
+            configuration.refresh_api_key_hook(configuration)  # token files and plugins rotate
+        for setting in configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("key") == "authorization":
+                return SecretBuffer.from_bytes(str(setting["value"]).encode())
+        return None  # client certificates only
+
+    return HttpsClient(server, user_agent=f"secretfs/{__version__}"), driver_credentials
 
 
 class SecretReader:
     def __init__(
-        self, api: SecretsApi, budget: float = 30.0, sleep: Callable[[float], None] = time.sleep
+        self,
+        client: HttpsClient,
+        credentials: Credentials,
+        budget: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._api = api
+        self._client = client
+        self._credentials = credentials
         self._budget = budget
         self._sleep = sleep
 
     def read(self, namespace: str, name: str) -> dict[str, SecretBuffer]:
-        """The Secret's keys mapped to buffers holding the decoded values."""
+        """The Secret's keys mapped to locked buffers holding the decoded values."""
         what = f"secret {namespace}/{name}"
+        path = f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}"
         deadline = time.monotonic() + self._budget
         delay = _FIRST_DELAY
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
             try:
-                body = self._get(namespace, name, remaining)
+                response = self._get(path, deadline)
             except _Transient as exc:
                 pause = delay * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not crypto
                 if time.monotonic() + pause >= deadline:
                     raise FetchError(
                         grpc.StatusCode.UNAVAILABLE,
                         f"{what}: API server unavailable after {attempt} attempts "
-                        f"in {self._budget:.0f}s: {exc}",
+                        f"in {self._budget:g}s: {exc}",
                     ) from None
                 log.info("reading %s failed (%s); retry %d in %.2fs", what, exc, attempt, pause)
                 self._sleep(pause)
@@ -104,32 +131,29 @@ class SecretReader:
             except _Refused as exc:
                 raise FetchError(exc.code, f"{what}: {exc}") from None
             try:
-                return decode_secret(body, what)
+                return decode_secret(response.body(), what)
             finally:
-                body[:] = bytes(len(body))
+                response.buffer.wipe()
 
-    def _get(self, namespace: str, name: str, remaining: float) -> bytearray:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        timeout = (
-            max(0.1, min(CONNECT_TIMEOUT, remaining)),
-            max(0.1, min(READ_TIMEOUT, remaining)),
-        )
+    def _get(self, path: str, deadline: float) -> Response:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Transient("no time left")
+        authorization = self._credentials()
         try:
-            response = self._api.read_namespaced_secret(
-                name, namespace, _preload_content=False, _request_timeout=timeout
-            )
-        except ApiException as exc:
-            raise _classify(exc.status, _status_message(exc.body, exc.reason)) from None
-        except (HTTPError, OSError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        try:
-            return _read_body(response)
-        except (HTTPError, OSError) as exc:
-            raise _Transient(f"reading the response: {exc}") from None
+            response = self._client.get(path, authorization, min(REQUEST_TIMEOUT, remaining))
+        except HttpError as exc:
+            raise _Transient(str(exc)) from None
         finally:
-            response.release_conn()
+            if authorization is not None:
+                authorization.wipe()
+        if 200 <= response.status < 300:
+            return response
+        try:
+            message = _status_message(response)
+        finally:
+            response.buffer.wipe()
+        raise _classify(response.status, message)
 
 
 class _Transient(Exception):
@@ -152,82 +176,65 @@ _CODES = {
 def _classify(status: int, message: str) -> Exception:
     if status in _CODES:
         return _Refused(_CODES[status], message)
-    if status == 0 or status == 429 or status >= 500:
+    if status == 429 or status >= 500:
         return _Transient(f"HTTP {status}: {message}")
     return _Refused(grpc.StatusCode.INTERNAL, f"unexpected HTTP {status}: {message}")
 
 
-def _status_message(body: str | bytes | None, fallback: str | None) -> str:
+def _status_message(response: Response) -> str:
     """The `message` of a Kubernetes Status body; it never holds Secret data."""
     try:
-        status = json.loads(body or b"")
+        status = json.loads(bytes(response.body()))
         if isinstance(status, dict) and status.get("kind") == "Status":
-            return str(status.get("message") or fallback)
+            return str(status.get("message") or f"HTTP {response.status}")
     except ValueError:
         pass
-    return str(fallback or "no reason given")
+    return f"HTTP {response.status} without a Status body"
 
 
-def _read_body(response: Any) -> bytearray:
-    """The whole response body in a buffer the caller owns and wipes."""
-    length = response.headers.get("Content-Length")
-    body = bytearray(int(length) if length else 16384)
-    filled = 0
-    while True:
-        if filled == len(body):
-            if length:
-                break
-            body = _grown(body)
-        got = response.readinto(memoryview(body)[filled:])
-        if not got:
-            break
-        filled += got
-    del body[filled:]
-    return body
+def decode_secret(body: memoryview, what: str) -> dict[str, SecretBuffer]:
+    """Decode a Secret's JSON into buffers; on any failure none is left behind.
 
-
-def _grown(body: bytearray) -> bytearray:
-    """A buffer twice the size holding `body`, which is wiped."""
-    bigger = bytearray(len(body) * 2)
-    bigger[: len(body)] = body
-    body[:] = bytes(len(body))
-    return bigger
-
-
-def decode_secret(body: bytearray, what: str) -> dict[str, SecretBuffer]:
-    """Decode a Secret's JSON into buffers; on any failure none is left behind."""
-    # TODO(#3): json and base64 decoding leave str temporaries with secret
-    # data on the Python heap until it is reused; decode into the buffers
-    # directly.
+    Every temporary that holds secret data (the body as `bytes`, each base64
+    `str`, each decoded `bytes`) is zeroed as soon as it has been used; the
+    allocator wipes whatever else the JSON parser made when it is freed.
+    """
+    raw = bytes(body)
     try:
-        secret = json.loads(body)
-        data = secret.get("data") or {}
-        if not isinstance(data, dict):
-            raise TypeError("data is not a map")
-    except (ValueError, TypeError, AttributeError) as exc:
+        secret = json.loads(raw)
+    except ValueError as exc:
         raise FetchError(
-            grpc.StatusCode.INTERNAL, f"{what}: unreadable API response ({exc})"
+            grpc.StatusCode.INTERNAL, f"{what}: unreadable API response ({exc.__class__.__name__})"
         ) from None
+    finally:
+        scrub_bytes(raw)
+    data = secret.get("data") if isinstance(secret, dict) else None
     buffers: dict[str, SecretBuffer] = {}
     try:
-        for key, encoded in data.items():
-            if not _KEY.fullmatch(key) or key in (".", "..") or not isinstance(encoded, str):
+        if not isinstance(data, dict | None):
+            raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: data is not a map")
+        for key, encoded in (data or {}).items():
+            if not isinstance(encoded, str):
+                raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: a value is not a string")
+            if not _KEY.fullmatch(key) or key in (".", ".."):
                 raise FetchError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{what} has a key that cannot be a file name",
                 )
-            raw = binascii.a2b_base64(encoded, strict_mode=True)
-            buffers[key] = SecretBuffer.from_bytes(raw)
-            scrub_bytes(raw)
-    except binascii.Error:
-        _wipe(buffers)
-        raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: a value is not valid base64") from None
+            try:
+                decoded = binascii.a2b_base64(encoded, strict_mode=True)
+            except binascii.Error:
+                raise FetchError(
+                    grpc.StatusCode.INTERNAL, f"{what}: a value is not valid base64"
+                ) from None
+            buffers[key] = SecretBuffer.from_bytes(decoded)
+            scrub_bytes(decoded)
     except BaseException:
-        _wipe(buffers)
+        for buffer in buffers.values():
+            buffer.wipe()
         raise
+    finally:
+        for encoded in (data or {}).values() if isinstance(data, dict) else ():
+            if isinstance(encoded, str):
+                scrub_str(encoded)
     return buffers
-
-
-def _wipe(buffers: dict[str, SecretBuffer]) -> None:
-    for buffer in buffers.values():
-        buffer.wipe()

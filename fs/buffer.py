@@ -37,11 +37,12 @@ _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 PAGE_SIZE = mmap.PAGESIZE
 
-# A `bytes` object stores its payload after a fixed header; knowing the
-# header's size lets `scrub_bytes` zero a temporary in place before it is
-# freed. The header is the object's size minus its payload and the trailing
-# NUL byte that CPython keeps after every bytes payload.
+# `bytes` and ASCII `str` objects store their payload after a fixed header;
+# knowing the header's size lets the scrub functions zero a temporary in
+# place before it is freed. The header is the object's size minus its payload
+# and the trailing NUL byte that CPython keeps after every payload.
 _BYTES_HEADER = sys.getsizeof(b"") - 1
+_ASCII_HEADER = sys.getsizeof("") - 1
 
 
 class WipedBufferError(RuntimeError):
@@ -106,6 +107,21 @@ class SecretBuffer:
             return memoryview(b"")
         return memoryview(self._map)[offset:end].toreadonly()
 
+    def find(self, needle: bytes, start: int = 0, end: int | None = None) -> int:
+        """Offset of `needle` within [start, end), or -1; searches in place, without a copy."""
+        self._check()
+        if self._map is None:
+            return -1
+        return self._map.find(needle, start, self._size if end is None else end)
+
+    def move(self, dest: int, src: int, count: int) -> None:
+        """Copy `count` bytes from `src` to `dest` within the buffer; the ranges may overlap."""
+        self._check()
+        if count:
+            if self._map is None or max(dest, src) + count > self._size:
+                raise ValueError("move outside the buffer")
+            self._map.move(dest, src, count)
+
     def wipe(self) -> None:
         """Zero, unlock and unmap the buffer. Idempotent."""
         if self._wiped:
@@ -140,6 +156,17 @@ def scrub_bytes(data: bytes) -> None:
     """
     if len(data) > 1:
         ctypes.memset(id(data) + _BYTES_HEADER, 0, len(data))
+
+
+def scrub_str(text: str) -> None:
+    """`scrub_bytes` for an ASCII `str` temporary, such as a base64 value.
+
+    The same rules apply; the object's cached hash goes stale, so it must not
+    be, or become, a dictionary key. Non-ASCII strings are left alone: their
+    layout differs, and base64 and tokens are ASCII.
+    """
+    if len(text) > 1 and text.isascii():
+        ctypes.memset(id(text) + _ASCII_HEADER, 0, len(text))
 
 
 def _round_to_pages(size: int) -> int:

@@ -57,6 +57,8 @@ _REASONS = {
 
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _KEY = re.compile(r"[-._a-zA-Z0-9]+")
+# Go's http.ResponseWriter buffers this much before it switches to chunked.
+_GO_BUFFER = 4096
 _PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets(?:/(?P<name>[^/]+))?$")
 
 
@@ -566,9 +568,19 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(payload).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        if len(data) <= _GO_BUFFER:
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        # Like Go's net/http under kube-apiserver: a body that outgrows the
+        # response buffer goes out chunked.
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(data)
+        for at in range(0, len(data), _GO_BUFFER):
+            piece = data[at : at + _GO_BUFFER]
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
 
 
 def _select(items: list[dict[str, Any]], selector: str | None) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from secretfs.csi.kube import FetchError, SecretReader, _read_body, connect
+from secretfs.csi.kube import FetchError, SecretReader, connect
 from tests.conftest import DRIVER_USER
 from tests.fakeapi import FakeKubeAPI, Fault
 
@@ -16,7 +16,7 @@ from tests.fakeapi import FakeKubeAPI, Fault
 @pytest.fixture
 def reader(api: FakeKubeAPI, driver_token: str, tmp_path: Path) -> SecretReader:
     return SecretReader(
-        connect(str(api.write_kubeconfig(tmp_path / "kc", driver_token))), budget=1.0
+        *connect(str(api.write_kubeconfig(tmp_path / "kc", driver_token))), budget=1.0
     )
 
 
@@ -60,7 +60,7 @@ def test_refusals_map_to_their_code_and_carry_the_api_message(
 
 
 def test_an_unknown_token_is_unauthenticated(api: FakeKubeAPI, tmp_path: Path) -> None:
-    reader = SecretReader(connect(str(api.write_kubeconfig(tmp_path / "kc", "not-a-token"))))
+    reader = SecretReader(*connect(str(api.write_kubeconfig(tmp_path / "kc", "not-a-token"))))
 
     assert fetch_code(reader, "default", "db")[0] == grpc.StatusCode.UNAUTHENTICATED
 
@@ -121,22 +121,12 @@ def test_a_value_that_is_not_base64_is_internal(reader: SecretReader, api: FakeK
     assert fetch_code(reader, "default", "garbled")[0] == grpc.StatusCode.INTERNAL
 
 
-class _Chunks:
-    """A response without Content-Length that trickles its body in small pieces."""
+def test_a_chunked_body_of_a_large_secret_arrives_whole(
+    reader: SecretReader, api: FakeKubeAPI
+) -> None:
+    values = {f"k{i}": bytes([i]) * 5000 for i in range(40)}  # a body of ~270 KB, chunked
+    api.set_secret("default", "large", values)
 
-    headers: dict[str, str] = {}
+    buffers = reader.read("default", "large")
 
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-
-    def readinto(self, view: memoryview) -> int:
-        size = min(1000, len(view))
-        piece, self._body = self._body[:size], self._body[size:]
-        view[: len(piece)] = piece
-        return len(piece)
-
-
-def test_a_body_of_unknown_length_is_read_whole() -> None:
-    body = bytes(range(256)) * 300
-
-    assert bytes(_read_body(_Chunks(body))) == body
+    assert {k: bytes(b.view()) for k, b in buffers.items()} == values

@@ -1,0 +1,292 @@
+"""A minimal HTTPS/1.1 client whose response bytes land only in locked buffers.
+
+General-purpose clients (urllib3 over http.client) pass a response through
+buffers nobody can wipe: the socket file's read buffer, the `bytes` each
+read returns, the joined body. This client reads with `recv_into` straight
+into a `SecretBuffer`, de-chunks in place, and hands that buffer to the
+caller, who decodes and wipes it. The TLS library is told to wipe its own
+record buffer after every read (OpenSSL's SSL_OP_CLEANSE_PLAINTEXT).
+
+It speaks just enough HTTP for GETs against the Kubernetes API: keep-alive
+connections reused across calls, Content-Length and chunked bodies, and
+nothing else (no redirects, no proxies, no compression).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from secretfs.fs.buffer import SecretBuffer
+
+log = logging.getLogger(__name__)
+
+# OpenSSL 3: wipe decrypted application data once it is handed over, and on
+# SSL_free. Python's ssl module passes the raw bit through.
+OP_CLEANSE_PLAINTEXT = getattr(ssl, "OP_CLEANSE_PLAINTEXT", 0x2)
+
+MAX_HEADER = 64 * 1024
+FIRST_READ = 16 * 1024
+MAX_BODY = 64 * 1024 * 1024  # Secrets are at most 1 MiB; leave room for JSON and base64
+IDLE_CONNECTIONS = 4
+
+
+class HttpError(Exception):
+    """The exchange failed at the transport level (connect, TLS, framing, timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    host: str
+    port: int
+    context: ssl.SSLContext
+    server_hostname: str
+
+
+def tls_context(
+    ca_file: str | None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    if ssl.OPENSSL_VERSION_INFO >= (3, 0):
+        context.options |= OP_CLEANSE_PLAINTEXT
+    else:
+        log.warning(
+            "%s cannot wipe its read buffers; plaintext may linger in its record "
+            "buffer until overwritten",
+            ssl.OPENSSL_VERSION,
+        )
+    return context
+
+
+def server_from_url(url: str, context: ssl.SSLContext, server_name: str | None = None) -> Server:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"API server URL must be https://host[:port], not {url!r}")
+    return Server(parts.hostname, parts.port or 443, context, server_name or parts.hostname)
+
+
+@dataclass(slots=True)
+class Response:
+    """A status and a body held in `buffer[start:end]`; the receiver wipes `buffer`."""
+
+    status: int
+    buffer: SecretBuffer
+    start: int
+    end: int
+
+    def body(self) -> memoryview:
+        return self.buffer.view(self.start, self.end - self.start)
+
+
+class _Connection:
+    def __init__(self, server: Server, timeout: float) -> None:
+        raw = socket.create_connection((server.host, server.port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock = server.context.wrap_socket(raw, server_hostname=server.server_hostname)
+        except BaseException:
+            raw.close()
+            raise
+        self.reused = False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class HttpsClient:
+    """GETs over a small pool of keep-alive connections to one server."""
+
+    def __init__(self, server: Server, user_agent: str = "secretfs") -> None:
+        self._server = server
+        self._user_agent = user_agent
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self, path: str, authorization: SecretBuffer | None, timeout: float) -> Response:
+        """GET `path`; `authorization` holds the header value (e.g. `Bearer <token>`)."""
+        deadline = time.monotonic() + timeout
+        request = self._request(path, authorization)
+        try:
+            while True:
+                connection = self._connection(deadline)
+                try:
+                    response, keep = _exchange(connection, request, deadline)
+                except (OSError, HttpError) as exc:
+                    connection.close()
+                    # A kept-alive connection the server has since closed:
+                    # try once more on a fresh one, within the same deadline.
+                    if connection.reused and not isinstance(exc, TimeoutError):
+                        continue
+                    raise HttpError(f"{type(exc).__name__}: {exc}") from None
+                if keep:
+                    self._release(connection)
+                else:
+                    connection.close()
+                return response
+        finally:
+            request.wipe()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def _request(self, path: str, authorization: SecretBuffer | None) -> SecretBuffer:
+        """The request's bytes, in a buffer of their own: they may carry a token."""
+        head = (
+            f"GET {path} HTTP/1.1\r\nHost: {self._server.server_hostname}\r\n"
+            f"User-Agent: {self._user_agent}\r\nAccept: application/json\r\n"
+        ).encode()
+        parts: list[bytes | memoryview] = [head]
+        if authorization is not None:
+            parts += [b"Authorization: ", authorization.view(), b"\r\n"]
+        parts.append(b"\r\n")
+        request = SecretBuffer(sum(len(part) for part in parts))
+        out, at = request.writable(), 0
+        for part in parts:
+            out[at : at + len(part)] = part
+            at += len(part)
+        return request
+
+    def _connection(self, deadline: float) -> _Connection:
+        with self._lock:
+            if self._idle:
+                connection = self._idle.pop()
+                connection.reused = True
+                return connection
+        try:
+            return _Connection(self._server, max(0.05, deadline - time.monotonic()))
+        except (OSError, ssl.SSLError) as exc:
+            raise HttpError(
+                f"connecting to {self._server.host}:{self._server.port}: {exc}"
+            ) from None
+
+    def _release(self, connection: _Connection) -> None:
+        with self._lock:
+            if len(self._idle) < IDLE_CONNECTIONS:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+
+def _exchange(
+    connection: _Connection, request: SecretBuffer, deadline: float
+) -> tuple[Response, bool]:
+    sock = connection.sock
+    sock.settimeout(max(0.05, deadline - time.monotonic()))
+    sock.sendall(request.view())
+    reader = _Reader(sock, deadline)
+    try:
+        status, headers, body_start = reader.head()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            end = reader.dechunk(body_start)
+        else:
+            length = int(headers.get("content-length", "-1"))
+            if length < 0:
+                raise HttpError("response has neither Content-Length nor chunked encoding")
+            end = reader.fill_to(body_start + length)
+    except BaseException:
+        reader.buffer.wipe()
+        raise
+    keep = headers.get("connection", "").lower() != "close"
+    return Response(status, reader.buffer, body_start, end), keep
+
+
+class _Reader:
+    """Reads one response into a growing locked buffer."""
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buffer = SecretBuffer(FIRST_READ)
+        self.filled = 0
+
+    def _receive(self) -> None:
+        if self.filled == len(self.buffer):
+            self._grow(len(self.buffer) * 2)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("response not complete before the deadline")
+        self.sock.settimeout(remaining)
+        got = self.sock.recv_into(self.buffer.writable()[self.filled :])
+        if not got:
+            raise HttpError("connection closed mid-response")
+        self.filled += got
+
+    def _grow(self, size: int) -> None:
+        if size > MAX_BODY:
+            raise HttpError(f"response larger than {MAX_BODY} bytes")
+        bigger = SecretBuffer(size)
+        bigger.writable()[: self.filled] = self.buffer.view(0, self.filled)
+        self.buffer.wipe()
+        self.buffer = bigger
+
+    def _find(self, needle: bytes, start: int) -> int:
+        return self.buffer.find(needle, start, self.filled)
+
+    def head(self) -> tuple[int, dict[str, str], int]:
+        """Status, headers (lower-case names) and where the body starts."""
+        while (end := self._find(b"\r\n\r\n", 0)) < 0:
+            if self.filled > MAX_HEADER:
+                raise HttpError("response headers too large")
+            self._receive()
+        # Headers carry no secret: decoding them into Python objects is fine.
+        lines = bytes(self.buffer.view(0, end)).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise HttpError(f"not an HTTP/1.x response: {lines[0][:40]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(rest[:3]), headers, end + 4
+
+    def fill_to(self, end: int) -> int:
+        if end > len(self.buffer):
+            self._grow(max(end, 2 * len(self.buffer)))
+        while self.filled < end:
+            self._receive()
+        return end
+
+    def dechunk(self, start: int) -> int:
+        """Decode a chunked body in place from `start`; returns the body's end."""
+        out = pos = start
+        while True:
+            while (line_end := self._find(b"\r\n", pos)) < 0:
+                self._receive()
+            size_text = bytes(self.buffer.view(pos, line_end - pos)).split(b";")[0]
+            size = int(size_text, 16)
+            data = line_end + 2
+            if size == 0:
+                self.fill_to(data + 2)  # the final CRLF (no trailers from the API server)
+                return out
+            self.fill_to(data + size + 2)
+            self.buffer.move(out, data, size)
+            out += size
+            pos = data + size + 2
+
+
+@contextlib.contextmanager
+def wiped(response: Response) -> Iterator[memoryview]:
+    """The response body, with the buffer wiped when the block ends."""
+    try:
+        yield response.body()
+    finally:
+        response.buffer.wipe()
