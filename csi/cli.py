@@ -149,9 +149,10 @@ def serve(args: argparse.Namespace) -> int:
         raise StartupError("/dev/fuse is missing; the container needs the host's /dev/fuse")
     try:
         memory.forbid_dumps()
-        memory.lock_all_memory(args.allow_unlocked_memory)
+        locked = memory.lock_all_memory(args.allow_unlocked_memory)
     except memory.MemoryProtectionError as exc:
         raise StartupError(str(exc)) from None
+    log.info("memory protection: locked=%s dumpable=%s", locked, memory.is_dumpable())
     state_dir = os.path.abspath(args.state_dir)
     prepare_state_dir(state_dir)
     try:

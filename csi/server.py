@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from secretfs.fs.buffer import scrub_bytes
+
 from .errors import CsiError
 from .identity import IdentityService
 from .node import NodeService
@@ -28,6 +30,12 @@ _ROUTINE = frozenset(
 # Publishes may wait on the API server; the kubelet runs only a few at once,
 # so a small pool is plenty and bounds the driver's threads.
 WORKERS = 8
+
+# gRPC keeps a connection's received bytes, requests with their tokens
+# included, in buffers that are freed (and so wiped) only when the connection
+# closes. The kubelet closes its connection after every call; a client that
+# keeps one open is disconnected after this much idle time.
+IDLE_CONNECTION_MS = 5000
 
 
 def socket_path(endpoint: str) -> str:
@@ -80,9 +88,25 @@ class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(
             logged,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_scrubbing(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+def _scrubbing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """Parse a request, then zero its wire bytes: they may carry tokens and secrets.
+
+    The parsed message holds its own copy; the Python objects made from it
+    are wiped by the allocator when the call drops them.
+    """
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        finally:
+            scrub_bytes(raw)
+
+    return parse
 
 
 def _log_call(
@@ -115,7 +139,9 @@ def serve(endpoint: str, identity: IdentityService, node: NodeService) -> grpc.S
     except FileNotFoundError:
         pass
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"), interceptors=[CallLog()]
+        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
+        interceptors=[CallLog()],
+        options=[("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS)],
     )
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     csi_pb2_grpc.add_NodeServicer_to_server(node, server)

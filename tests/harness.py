@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class Driver:
         self.kubelet_dir = self.workdir / "kubelet"
         self.state_dir = self.workdir / "state"
         self.socket = self.workdir / "csi" / "csi.sock"
-        self.log_path = self.workdir / "driver.log"
+        self._log_lines: list[str] = []
         self._channel: grpc.Channel | None = None
 
     @property
@@ -112,9 +113,12 @@ class Driver:
 
     def start(self, timeout: float = 20.0) -> Driver:
         (self.kubelet_dir / "pods").mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log)
-        log.close()
+        # Logs come through a pipe, not a file: a test can then tell that the
+        # driver itself writes nothing to any disk.
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        threading.Thread(target=self._collect, args=(self.process,), daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -145,12 +149,14 @@ class Driver:
     def identity(self) -> Any:
         return csi_pb2_grpc.IdentityStub(self.channel)
 
+    def _collect(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self._log_lines.append(line.decode(errors="replace"))
+
     @property
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return "".join(self._log_lines)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Signal the driver and wait; returns its exit code."""
@@ -240,16 +246,25 @@ class Kubelet:
         )
         return Volume(volume_id, parent / "mount", request)
 
+    # The kubelet dials the plugin's socket for each call and closes the
+    # connection afterwards; so does this helper. (A local subchannel pool
+    # keeps gRPC from quietly sharing one connection between channels.)
+
+    def _channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(
+            self.driver.endpoint, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+
     def publish(self, volume: Volume, timeout: float = 30.0) -> None:
-        self.driver.node.NodePublishVolume(volume.request, timeout=timeout)
+        with self._channel() as channel:
+            csi_pb2_grpc.NodeStub(channel).NodePublishVolume(volume.request, timeout=timeout)
 
     def unpublish(self, volume: Volume, timeout: float = 30.0) -> None:
-        self.driver.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(
-                volume_id=volume.volume_id, target_path=str(volume.target)
-            ),
-            timeout=timeout,
+        request = csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume.volume_id, target_path=str(volume.target)
         )
+        with self._channel() as channel:
+            csi_pb2_grpc.NodeStub(channel).NodeUnpublishVolume(request, timeout=timeout)
 
 
 def code_of(call: Any, *args: Any, **kwargs: Any) -> grpc.StatusCode:
