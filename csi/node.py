@@ -88,6 +88,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 existing = self._published.get(spec.volume_id)
                 others = list(self._published.values())
             if existing is not None and self._still_published(existing, spec):
+                self._refresh(existing)
                 return csi_pb2.NodePublishVolumeResponse()
             for other in others:
                 if (
@@ -123,11 +124,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._forget(existing)
         return False
 
-    def _publish(self, spec: PublishSpec) -> None:
+    def _fetch(self, spec: PublishSpec) -> dict[str, SecretBuffer]:
         try:
-            buffers = self._reader.read(spec.namespace, spec.secret_name)
+            return self._reader.read(spec.namespace, spec.secret_name)
         except FetchError as exc:
             raise CsiError(exc.code, str(exc)) from None
+
+    def _refresh(self, publication: Publication) -> None:
+        """A repeated publish (CSIDriver requiresRepublish): rotate if the Secret changed.
+
+        If the Secret cannot be read the volume keeps its current files and
+        the call reports why.
+        """
+        buffers = self._fetch(publication.spec)
+        if self._session.rotate(publication.volume_dir, buffers, Layout()):
+            log.info(
+                "rotated volume %s to the current %s",
+                publication.spec.volume_id,
+                publication.spec.secret_ref,
+            )
+
+    def _publish(self, spec: PublishSpec) -> None:
+        buffers = self._fetch(spec)
         # Unique per publication, so a name the kernel still caches from an
         # earlier publication of the same volume can never reach this one.
         digest = hashlib.sha256(spec.volume_id.encode()).hexdigest()[:32]
@@ -151,12 +169,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             self._published[spec.volume_id] = Publication(spec, volume_dir)
 
     def _add_volume(self, volume_dir: str, buffers: dict[str, SecretBuffer]) -> None:
-        try:
-            self._session.call(self._session.fs.add_volume, volume_dir, buffers, Layout())
-        except BaseException:
-            for buffer in buffers.values():
-                buffer.wipe()
-            raise
+        # From here on the filesystem owns the buffers, and wipes them if this fails.
+        self._session.call(self._session.fs.add_volume, volume_dir, buffers, Layout())
 
     def _remove_volume(self, volume_dir: str) -> None:
         if self._session.alive:

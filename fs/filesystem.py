@@ -16,6 +16,12 @@ Rules every handler keeps:
   `FuseSession.call`) never interleave with a request.
 * It never logs file contents, only inode numbers, sizes and counts.
 
+Rotation swaps a volume's whole file set in one step (`replace_volume`): the
+volume's top directory keeps its inode, which is what the target's bind
+mount shows, and gets new children with new inode numbers. A file opened
+before the swap keeps reading the version it opened; that version's buffer
+is wiped when its last handle closes.
+
 Known limits:
 
 * The kernel is not told when a volume disappears; its cached entries for
@@ -26,20 +32,22 @@ Known limits:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
 from .buffer import SecretBuffer, WipedBufferError
-from .tree import Directory, File, Layout, Node, build_tree, make_attrs, walk
+from .tree import Directory, File, Layout, Node, build_tree, files_by_path, make_attrs, walk
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,44 @@ R = TypeVar("R")
 
 # The root lists volumes that come and go; let the kernel recheck it often.
 ROOT_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """What `replace_volume` swapped out, for the kernel to forget and then `retire`."""
+
+    directory: int  # inode of the volume's top directory
+    names: list[bytes]  # its entries before the swap
+    replaced: list[Node]
+
+
+@contextlib.contextmanager
+def _owning(files: Mapping[str, SecretBuffer]) -> Iterator[None]:
+    """Wipe `files` if the block fails: nobody else will."""
+    try:
+        yield
+    except BaseException:
+        for buffer in files.values():
+            buffer.wipe()
+        raise
+
+
+def _same_contents(
+    current: dict[bytes, File], files: Mapping[str, SecretBuffer], layout: Layout
+) -> bool:
+    if set(current) != {path.encode() for path in files}:
+        return False
+    for path, buffer in files.items():
+        old = current[path.encode()]
+        # memoryview equality compares the bytes in place, without copies
+        if (
+            old.buffer.view() != buffer.view()
+            or stat.S_IMODE(old.attrs.st_mode) != layout.file_mode
+        ):
+            return False
+        if (old.attrs.st_uid, old.attrs.st_gid) != (layout.uid, layout.gid):
+            return False
+    return True
 
 
 def _guarded(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -92,11 +138,16 @@ class SecretFS(pyfuse3.Operations):
     # ---- changes, made on the FUSE thread only ------------------------------
 
     def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> None:
-        """Expose `files` under `/<name>`. The filesystem owns the buffers from now on."""
-        key = name.encode()
-        if key in self._root.entries:
-            raise FileExistsError(name)
-        top = build_tree(files, layout, self._allocate_inode, time.time_ns())
+        """Expose `files` under `/<name>`.
+
+        The filesystem owns the buffers from this call on, also when it fails:
+        it then wipes them.
+        """
+        with _owning(files):
+            key = name.encode()
+            if key in self._root.entries:
+                raise FileExistsError(name)
+            top = build_tree(files, layout, self._allocate_inode, time.time_ns())
         for node in walk(top):
             self._nodes[node.inode] = node
         self._root.entries[key] = top
@@ -111,6 +162,43 @@ class SecretFS(pyfuse3.Operations):
             if isinstance(node, File):
                 node.buffer.wipe()
         return True
+
+    def replace_volume(
+        self, name: str, files: Mapping[str, SecretBuffer], layout: Layout
+    ) -> Rotation | None:
+        """Swap `/<name>`'s files for `files` at once; None if nothing would change.
+
+        Takes ownership of the buffers as `add_volume` does. The old files
+        stay known until `retire` is called with the result, so that the
+        caller can first make the kernel forget its cached entries.
+        """
+        with _owning(files):
+            top = self._root.entries.get(name.encode())
+            if not isinstance(top, Directory):
+                raise FileNotFoundError(name)
+            unchanged = _same_contents(files_by_path(top), files, layout)
+            if not unchanged:
+                fresh = build_tree(files, layout, self._allocate_inode, time.time_ns())
+        if unchanged:
+            for buffer in files.values():
+                buffer.wipe()
+            return None
+        old = [node for node in walk(top) if node is not top]
+        for node in walk(fresh):
+            if node is not fresh:
+                self._nodes[node.inode] = node
+        rotation = Rotation(top.inode, list(top.entries), old)
+        top.entries, top.listing = fresh.entries, fresh.listing
+        return rotation
+
+    def retire(self, rotation: Rotation) -> None:
+        """Forget the files a rotation replaced; wipe those no handle still reads."""
+        for node in rotation.replaced:
+            self._nodes.pop(node.inode, None)
+            if isinstance(node, File):
+                node.retired = True
+                if node.handles == 0:
+                    node.buffer.wipe()
 
     def remove_all(self) -> int:
         names = [name.decode() for name in self._root.entries]
@@ -216,6 +304,7 @@ class SecretFS(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         fh = self._new_fh()
         self._files[fh] = node
+        node.handles += 1
         # direct_io: every read comes here, nothing lands in the page cache.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
@@ -234,7 +323,12 @@ class SecretFS(pyfuse3.Operations):
 
     @_guarded
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        node = self._files.pop(fh, None)
+        if node is None:
+            return
+        node.handles -= 1
+        if node.retired and node.handles == 0:
+            node.buffer.wipe()  # the last reader of a rotated-out version is gone
 
     def _new_fh(self) -> int:
         fh = self._next_fh

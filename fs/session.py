@@ -13,15 +13,18 @@ FUSE thread can never interleave with a request being served.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import pyfuse3
 import trio
 
+from .buffer import SecretBuffer
 from .filesystem import SecretFS
+from .tree import Layout
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,27 @@ class FuseSession:
         if self._token is None:
             raise RuntimeError("the FUSE session is not running")
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def rotate(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> bool:
+        """Replace volume `name`'s files with `files`; False if they were the same.
+
+        The swap happens on the FUSE thread; the kernel's cached entries for
+        the old files are then dropped from this thread (never the FUSE
+        thread: the kernel waits for lookups in flight, which that thread
+        answers), and only then are the old files retired.
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("rotate() would deadlock on the FUSE thread")
+        rotation = self.call(self.fs.replace_volume, name, files, layout)
+        if rotation is None:
+            return False
+        try:
+            for entry in rotation.names:
+                _forget(pyfuse3.invalidate_entry, rotation.directory, entry)
+            _forget(pyfuse3.invalidate_inode, rotation.directory, True)
+        finally:
+            self.call(self.fs.retire, rotation)
+        return True
 
     def stop(self) -> None:
         """Wipe every volume, stop serving and unmount. Safe to call twice."""
@@ -106,3 +130,11 @@ class FuseSession:
             self.fs.remove_all()
             pyfuse3.close(unmount=True)
             log.info("FUSE filesystem unmounted from %s", self.mountpoint)
+
+
+def _forget(invalidate: Callable[..., None], *args: object) -> None:
+    try:
+        invalidate(*args)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the kernel never cached it
+            raise

@@ -39,6 +39,10 @@ class File:
     inode: int
     buffer: SecretBuffer
     attrs: pyfuse3.EntryAttributes
+    # Rotation: a replaced file stays readable through the handles opened
+    # before the swap, and its buffer is wiped when the last one closes.
+    handles: int = 0
+    retired: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -140,3 +144,14 @@ def walk(top: Directory) -> Iterator[Node]:
 
 def walk_dirs(top: Directory) -> Iterator[Directory]:
     return (node for node in walk(top) if isinstance(node, Directory))
+
+
+def files_by_path(top: Directory, prefix: bytes = b"") -> dict[bytes, File]:
+    """Every file below `top`, by its relative path."""
+    found: dict[bytes, File] = {}
+    for name, child in top.entries.items():
+        if isinstance(child, Directory):
+            found.update(files_by_path(child, prefix + name + b"/"))
+        else:
+            found[prefix + name] = child
+    return found
