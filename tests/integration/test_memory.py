@@ -302,3 +302,24 @@ def test_allow_unlocked_memory_starts_with_a_warning(new_driver: Driver) -> None
     text = "".join(lines)
     assert "--allow-unlocked-memory" in text and "WARNING" in text
     assert "ready:" in text
+
+
+def test_a_rotated_out_value_leaves_no_copy_once_its_last_reader_closes(
+    kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
+) -> None:
+    old, new = marker(), marker()
+    api.set_secret("default", "rotor", {"k": old})
+    volume = kubelet.volume("rotor")
+    kubelet.publish(volume)
+    reader = open(volume.target / "k", "rb")
+
+    api.set_secret("default", "rotor", {"k": new})
+    kubelet.publish(volume)
+    assert copies(driver, old) == (1, 0)  # still served to the reader that opened it
+    assert reader.read() == old
+    reader.close()
+
+    assert eventually(lambda: copies(driver, old) == (0, 0))
+    assert copies(driver, new) == (1, 0)
+    kubelet.unpublish(volume)
+    assert copies(driver, new) == (0, 0)

@@ -349,3 +349,20 @@ def test_a_target_reached_through_a_symlink_out_of_the_pods_folder_is_refused(
 
     assert list(outside.iterdir()) == []
     assert mounts_below(outside) == []
+
+
+def test_a_repeated_publish_rotates_a_changed_secret_and_open_files_keep_their_version(
+    kubelet: Kubelet, api: FakeKubeAPI
+) -> None:
+    api.set_secret("default", "rotating", {"password": b"first", "old-only": b"x"})
+    volume = kubelet.volume("rotating")
+    kubelet.publish(volume)
+    with open(volume.target / "password", "rb") as before:
+        api.set_secret("default", "rotating", {"password": b"second", "new-only": b"y"})
+        kubelet.publish(volume)
+
+        assert before.read() == b"first"
+        assert read_as(volume.target / "password") == b"second"
+        assert sorted(os.listdir(volume.target)) == ["new-only", "password"]
+        assert mounts_below(volume.target) == [str(volume.target)]
+    kubelet.unpublish(volume)

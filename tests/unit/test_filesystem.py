@@ -218,3 +218,56 @@ def test_inode_numbers_are_never_reused(fs: SecretFS) -> None:
     fs.add_volume("vol", {"password": SecretBuffer.from_bytes(b"new")}, Layout())
 
     assert inode_of(fs, "vol", "password") > old
+
+
+def test_rotation_swaps_the_files_and_keeps_the_volumes_directory(fs: SecretFS) -> None:
+    top = inode_of(fs, "vol")
+
+    rotation = fs.replace_volume(
+        "vol",
+        {"password": SecretBuffer.from_bytes(b"new"), "added": SecretBuffer.from_bytes(b"+")},
+        Layout(),
+    )
+    assert rotation is not None
+    fs.retire(rotation)
+
+    assert inode_of(fs, "vol") == top
+    assert bytes(run(fs.read(open_file(fs, "vol", "password"), 0, 10))) == b"new"
+    assert errno_of(fs.lookup(top, b"empty", None)) == errno.ENOENT
+    assert sorted(rotation.names) == [b"empty", b"password"]
+
+
+def test_an_open_file_keeps_its_version_until_closed_then_it_is_wiped(fs: SecretFS) -> None:
+    fh = open_file(fs, "vol", "password")
+    old_buffer = fs._files[fh].buffer
+
+    rotation = fs.replace_volume("vol", {"password": SecretBuffer.from_bytes(b"rotated")}, Layout())
+    assert rotation is not None
+    fs.retire(rotation)
+
+    assert bytes(run(fs.read(fh, 0, 10))) == b"hunter2"
+    assert not old_buffer.wiped
+    run(fs.release(fh))
+    assert old_buffer.wiped
+
+
+def test_rotating_to_identical_contents_changes_nothing_and_wipes_the_copies(fs: SecretFS) -> None:
+    before = inode_of(fs, "vol", "password")
+    copies = {
+        "password": SecretBuffer.from_bytes(b"hunter2"),
+        "empty": SecretBuffer.from_bytes(b""),
+    }
+
+    assert fs.replace_volume("vol", copies, Layout()) is None
+
+    assert inode_of(fs, "vol", "password") == before
+    assert all(buffer.wiped for buffer in copies.values())
+
+
+def test_a_failed_add_wipes_the_buffers_it_was_given(fs: SecretFS) -> None:
+    buffer = SecretBuffer.from_bytes(b"orphan")
+
+    with pytest.raises(FileExistsError):
+        fs.add_volume("vol", {"k": buffer}, Layout())
+
+    assert buffer.wiped
