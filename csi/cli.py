@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--api-retry-budget",
-        type=float,
+        type=_positive_seconds,
         default=30.0,
         metavar="SECONDS",
         help="how long a publish keeps retrying an unreachable or failing API "
@@ -100,6 +100,17 @@ def parser() -> argparse.ArgumentParser:
         "Secret data and tokens are never logged",
     )
     return top
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 110:
+        # The kubelet gives NodePublishVolume two minutes in all.
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 110 seconds")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,16 +140,19 @@ def prepare_state_dir(path: str) -> None:
         mounts.unmount(path)
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
+        leftovers = os.listdir(path)
     except OSError as exc:
         raise StartupError(f"state dir {path}: {exc.strerror}") from None
-    if os.listdir(path):
+    if leftovers:
         raise StartupError(f"state dir {path} is not empty")
 
 
 def serve(args: argparse.Namespace) -> int:
+    from secretfs.csi import mounts
     from secretfs.csi.identity import IdentityService
     from secretfs.csi.kube import SecretReader, connect
     from secretfs.csi.node import NodeService
+    from secretfs.csi.server import claim_socket
     from secretfs.csi.server import serve as serve_grpc
     from secretfs.fs.filesystem import SecretFS
     from secretfs.fs.session import FuseSession
@@ -153,14 +167,21 @@ def serve(args: argparse.Namespace) -> int:
     except memory.MemoryProtectionError as exc:
         raise StartupError(str(exc)) from None
     log.info("memory protection: locked=%s dumpable=%s", locked, memory.is_dumpable())
-    state_dir = os.path.abspath(args.state_dir)
-    prepare_state_dir(state_dir)
+
+    # Checks that can fail come before anything is changed on the node.
+    try:
+        claim_socket(args.endpoint)
+    except (OSError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
     try:
         client, credentials = connect(args.kubeconfig)
     except Exception as exc:  # the config loaders raise a variety of types
         raise StartupError(f"no usable Kubernetes configuration: {exc}") from None
     reader = SecretReader(client, credentials, budget=args.api_retry_budget)
 
+    # Resolved, because /proc/self/mountinfo names mounts by their real paths.
+    state_dir = os.path.realpath(args.state_dir)
+    prepare_state_dir(state_dir)
     session = FuseSession(SecretFS(), state_dir)
     try:
         session.start()
@@ -168,7 +189,9 @@ def serve(args: argparse.Namespace) -> int:
         raise StartupError(f"cannot mount the FUSE filesystem at {state_dir}: {exc}") from None
 
     node = NodeService(args.node_id, os.path.abspath(args.kubelet_dir), session, reader)
-    identity = IdentityService(args.driver_name, lambda: session.alive)
+    identity = IdentityService(
+        args.driver_name, lambda: session.alive and mounts.is_mountpoint(state_dir)
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -190,6 +213,7 @@ def serve(args: argparse.Namespace) -> int:
             break
     fuse_died = not stop.is_set()
 
+    reader.cancel()  # publishes waiting to retry the API give up now
     server.stop(grace=5).wait()
     session.stop()
     _remove_socket(args.endpoint)

@@ -34,7 +34,8 @@ OP_CLEANSE_PLAINTEXT = getattr(ssl, "OP_CLEANSE_PLAINTEXT", 0x2)
 
 MAX_HEADER = 64 * 1024
 FIRST_READ = 16 * 1024
-MAX_BODY = 64 * 1024 * 1024  # Secrets are at most 1 MiB; leave room for JSON and base64
+# A Secret holds at most 1 MiB of data: base64, JSON and metadata fit well within this.
+MAX_BODY = 8 * 1024 * 1024
 IDLE_CONNECTIONS = 4
 
 

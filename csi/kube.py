@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from urllib.parse import quote
@@ -93,17 +94,16 @@ def connect(kubeconfig: str | None) -> tuple[HttpsClient, Credentials]:
 
 
 class SecretReader:
-    def __init__(
-        self,
-        client: HttpsClient,
-        credentials: Credentials,
-        budget: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, client: HttpsClient, credentials: Credentials, budget: float = 30.0) -> None:
         self._client = client
         self._credentials = credentials
         self._budget = budget
-        self._sleep = sleep
+        self._stopping = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop retrying: reads waiting for their next attempt give up now."""
+        self._stopping.set()
+        self._client.close()
 
     def read(self, namespace: str, name: str) -> dict[str, SecretBuffer]:
         """The Secret's keys mapped to locked buffers holding the decoded values."""
@@ -125,7 +125,10 @@ class SecretReader:
                         f"in {self._budget:g}s: {exc}",
                     ) from None
                 log.info("reading %s failed (%s); retry %d in %.2fs", what, exc, attempt, pause)
-                self._sleep(pause)
+                if self._stopping.wait(pause):
+                    raise FetchError(
+                        grpc.StatusCode.UNAVAILABLE, f"{what}: the driver is shutting down"
+                    ) from None
                 delay = min(delay * 2, _MAX_DELAY)
                 continue
             except _Refused as exc:

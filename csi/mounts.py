@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ TARGET_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 # mount cannot be unmounted normally, only detached.
 _DETACH_ON = (errno.ENOTCONN, errno.EIO, errno.EBUSY, errno.ESTALE)
 
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
 # More mounts than this stacked on one target is not our doing; stop there.
 _MAX_STACK = 16
 
@@ -59,26 +62,16 @@ class MountInfo:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    if "\\" not in field:
-        return field
-    out, i = bytearray(), 0
-    raw = field.encode()
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode(errors="surrogateescape")
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    return _ESCAPE.sub(lambda match: chr(int(match[1], 8)), field)
 
 
 def mount_table(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
     table = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            fields = line.split()
+            # Single spaces separate the fields; any other white space is a name's own.
+            fields = line.rstrip("\n").split(" ")
             sep = fields.index("-")
             table.append(
                 MountInfo(

@@ -41,6 +41,12 @@ FSTYPE = "fuse.secretfs"
 TARGET_DIR_MODE = 0o750
 
 
+# Publishes may wait on the API server for their whole retry budget; at most
+# this many run at once, so that some of the server's workers always remain
+# for probes and unpublishes (see server.WORKERS).
+PUBLISH_CONCURRENCY = 24
+
+
 @dataclass(frozen=True, slots=True)
 class Publication:
     spec: PublishSpec
@@ -53,6 +59,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> None:
         self._node_id = node_id
         self._pods_dir = os.path.join(kubelet_dir, "pods")
+        # Where those paths really are: mountinfo records resolved paths.
+        self._real_pods_dir = os.path.realpath(self._pods_dir)
+        self._publish_slots = threading.BoundedSemaphore(PUBLISH_CONCURRENCY)
         self._session = session
         self._reader = reader
         self._lock = threading.Lock()
@@ -83,26 +92,42 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
         spec = check_publish(request, self._pods_dir)
-        with self._claim(spec.volume_id, spec.target_path):
+        host_target = self._on_host(spec.target_path)
+        with self._publish_slots, self._claim(spec.volume_id, spec.target_path):
             with self._lock:
                 existing = self._published.get(spec.volume_id)
-                others = list(self._published.values())
-            if existing is not None and self._still_published(existing, spec):
+                holder = self._holder_of(spec.target_path)
+            if existing is not None and self._still_published(existing, spec, host_target):
                 self._refresh(existing)
                 return csi_pb2.NodePublishVolumeResponse()
-            for other in others:
-                if (
-                    other.spec.target_path == spec.target_path
-                    and other.spec.volume_id != spec.volume_id
-                ):
-                    raise CsiError(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"target {spec.target_path} already holds volume {other.spec.volume_id}",
-                    )
-            self._publish(spec)
+            if holder is not None and holder.spec.volume_id != spec.volume_id:
+                raise CsiError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"target {spec.target_path} already holds volume {holder.spec.volume_id}",
+                )
+            self._publish(spec, host_target)
         return csi_pb2.NodePublishVolumeResponse()
 
-    def _still_published(self, existing: Publication, spec: PublishSpec) -> bool:
+    def _on_host(self, target: str) -> str:
+        """`target` with the symlinks of its existing ancestors resolved.
+
+        The result must still lie inside the pods folder: a symlink along the
+        way must not carry a mount, or a removal, anywhere else.
+        """
+        parent, name = os.path.split(target)
+        real_parent = os.path.realpath(parent)
+        if not (real_parent + "/").startswith(self._real_pods_dir + "/"):
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"target_path {target} resolves outside {self._pods_dir}",
+            )
+        return os.path.join(real_parent, name)
+
+    def _holder_of(self, target: str) -> Publication | None:
+        """The publication mounted at `target`, if any. Call with the lock held."""
+        return next((p for p in self._published.values() if p.spec.target_path == target), None)
+
+    def _still_published(self, existing: Publication, spec: PublishSpec, host_target: str) -> bool:
         """True if a repeated request is already satisfied; raises if it conflicts."""
         if existing.spec.target_path != spec.target_path:
             raise CsiError(
@@ -115,7 +140,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"volume {spec.volume_id} is published at {spec.target_path} "
                 "with different attributes",
             )
-        if mounts.is_mountpoint(spec.target_path):
+        if mounts.is_mountpoint(host_target):
             return True
         # Someone unmounted it behind our back: drop the old copy, publish anew.
         log.warning(
@@ -144,7 +169,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 publication.spec.secret_ref,
             )
 
-    def _publish(self, spec: PublishSpec) -> None:
+    def _publish(self, spec: PublishSpec, host_target: str) -> None:
         buffers = self._fetch(spec)
         # Unique per publication, so a name the kernel still caches from an
         # earlier publication of the same volume can never reach this one.
@@ -153,12 +178,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         with contextlib.ExitStack() as undo:
             self._add_volume(volume_dir, buffers)
             undo.callback(self._remove_volume, volume_dir)
-            self._clear_stale_mount(spec.target_path)
-            for created in reversed(self._make_target(spec.target_path)):
+            self._clear_stale_mount(host_target)
+            for created in reversed(self._make_target(host_target)):
                 undo.callback(_rmdir_quietly, created)
             try:
                 mounts.bind_read_only(
-                    os.path.join(self._session.mountpoint, volume_dir), spec.target_path
+                    os.path.join(self._session.mountpoint, volume_dir), host_target
                 )
             except OSError as exc:
                 raise CsiError(
@@ -196,15 +221,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         while not os.path.lexists(path):
             missing.append(path)
             path = os.path.dirname(path)
-        # The deepest existing ancestor must really be inside the pods folder:
-        # a symlink along the way must not redirect the mount elsewhere.
-        real_pods = os.path.realpath(self._pods_dir)
-        real = os.path.realpath(path)
-        if real != real_pods and not real.startswith(real_pods + "/"):
-            raise CsiError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"target_path {target} resolves outside {self._pods_dir}",
-            )
         if not missing and (os.path.islink(target) or not os.path.isdir(target)):
             raise CsiError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -230,19 +246,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         volume_id = check_volume_id(request.volume_id)
         target = check_target_path(request.target_path, self._pods_dir)
+        host_target = self._on_host(target)
         with self._claim(volume_id, target):
-            stacked = mounts.mounts_at(target)
-            if any(m.fstype != FSTYPE for m in stacked):
+            with self._lock:
+                holder = self._holder_of(target)
+            if holder is not None and holder.spec.volume_id != volume_id:
+                raise CsiError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"target {target} holds volume {holder.spec.volume_id}, not {volume_id}",
+                )
+            if any(m.fstype != FSTYPE for m in mounts.mounts_at(host_target)):
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"target {target} is a mount point of another filesystem",
                 )
-            self._unmount(target)
-            with self._lock:
-                publication = self._published.get(volume_id)
-            if publication is not None and publication.spec.target_path == target:
-                self._forget(publication)
-            self._remove_target(target)
+            self._unmount(host_target)
+            if holder is not None:
+                self._forget(holder)
+            self._remove_target(host_target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _unmount(self, target: str) -> None:
@@ -259,6 +280,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             self._published.pop(publication.spec.volume_id, None)
 
     def _remove_target(self, target: str) -> None:
+        if os.path.islink(target):
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"target {target} is a symlink; left alone"
+            )
         try:
             os.rmdir(target)
         except FileNotFoundError:

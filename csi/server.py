@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -27,9 +28,13 @@ _ROUTINE = frozenset(
     {"Probe", "GetPluginInfo", "GetPluginCapabilities", "NodeGetCapabilities", "NodeGetInfo"}
 )
 
-# Publishes may wait on the API server; the kubelet runs only a few at once,
-# so a small pool is plenty and bounds the driver's threads.
-WORKERS = 8
+# Publishes may wait on the API server for their whole retry budget; they get
+# at most node.PUBLISH_CONCURRENCY of these threads, the rest stay free for
+# probes and unpublishes.
+WORKERS = 32
+
+# A logged request field longer than this is cut: it comes from the caller.
+MAX_LOGGED = 256
 
 # gRPC keeps a connection's received bytes, requests with their tokens
 # included, in buffers that are freed (and so wiped) only when the connection
@@ -55,11 +60,20 @@ def call_fields(request: Any) -> dict[str, str]:
     for name in ("volume_id", "target_path"):
         value = getattr(request, name, "")
         if value:
-            fields[name] = value
+            fields[name] = printable(value)
     context = getattr(request, "volume_context", None)
     if context is not None and POD_NAMESPACE in context:
-        fields["pod"] = f"{context[POD_NAMESPACE]}/{context.get(POD_NAME, '')}"
+        fields["pod"] = printable(f"{context[POD_NAMESPACE]}/{context.get(POD_NAME, '')}")
     return fields
+
+
+def printable(value: str) -> str:
+    """`value` made safe for one log line: escaped if it holds control or odd
+    white-space characters (no forged lines), and cut if it is long."""
+    text = value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+    if len(text) > MAX_LOGGED:
+        return f"{text[:MAX_LOGGED]}...({len(value)} characters)"
+    return text
 
 
 class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -115,7 +129,7 @@ def _log_call(
     fields = call_fields(request)
     fields.update(method=method, code=code.name, duration_ms=f"{seconds * 1000:.1f}")
     if message:
-        fields["error"] = message
+        fields["error"] = printable(message)
     if code == grpc.StatusCode.OK:
         level = logging.DEBUG if method in _ROUTINE else logging.INFO
     elif code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
@@ -126,18 +140,30 @@ def _log_call(
     log.log(level, "%s %s", method, text, extra={"call": fields})
 
 
-def serve(endpoint: str, identity: IdentityService, node: NodeService) -> grpc.Server:
-    """Start serving on `endpoint`, replacing a stale socket left by an earlier run."""
+def claim_socket(endpoint: str) -> str:
+    """The socket path, free for this process: a stale socket left by a crashed
+    run is removed, a live one (another driver serving) is an error."""
     path = socket_path(endpoint)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
             os.unlink(path)
             log.info("removed stale socket %s", path)
-        else:
-            raise FileExistsError(f"{path} exists and is not a socket")
-    except FileNotFoundError:
-        pass
+            return path
+    raise FileExistsError(f"another driver is serving on {path}")
+
+
+def serve(endpoint: str, identity: IdentityService, node: NodeService) -> grpc.Server:
+    """Start serving on `endpoint` (see claim_socket)."""
+    path = claim_socket(endpoint)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
         interceptors=[CallLog()],

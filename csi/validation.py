@@ -33,6 +33,7 @@ USER_ATTRIBUTES = frozenset({SECRET_NAME})
 # CSI caps identifiers at 128 bytes; the kubelet's ephemeral ids are 68.
 MAX_VOLUME_ID = 128
 PATH_MAX = 4096
+NAME_MAX = 255
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -80,6 +81,8 @@ def check_target_path(target_path: str, pods_dir: str) -> str:
         or os.path.normpath(target_path) != target_path
     ):
         raise _invalid("target_path must be a normalised absolute path")
+    if any(len(part.encode()) > NAME_MAX for part in target_path.split("/")):
+        raise _invalid(f"target_path has a component longer than {NAME_MAX} bytes")
     if not target_path.startswith(pods_dir.rstrip("/") + "/"):
         raise _invalid(f"target_path must lie under {pods_dir}")
     return target_path

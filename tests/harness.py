@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def mounts_below(path: Path | str) -> list[str]:
     points = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = line.split()[4].replace("\\040", " ")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split(" ")[4])
             if point == prefix or point.startswith(prefix + "/"):
                 points.append(point)
     return sorted(points, key=len, reverse=True)

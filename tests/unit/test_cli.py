@@ -10,7 +10,7 @@ import pytest
 
 from secretfs.csi import cli, mounts
 from secretfs.csi.pb import csi_pb2
-from secretfs.csi.server import call_fields, socket_path
+from secretfs.csi.server import call_fields, printable, socket_path
 from secretfs.fs import memory
 
 FLAGS = [
@@ -105,3 +105,37 @@ def test_the_mount_table_parser_unescapes_paths(tmp_path: Path) -> None:
     assert first.root == "/vol dir"
     assert (first.fstype, first.options) == ("fuse.secretfs", frozenset({"ro", "nosuid"}))
     assert (second.mountpoint, second.fstype) == ("/run/secretfs", "fuse.secretfs")
+
+
+@pytest.mark.parametrize("budget", ["-5", "0", "abc", "500"])
+def test_a_retry_budget_outside_the_kubelets_deadline_is_refused(budget: str) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "secretfs.csi",
+            "serve",
+            "--node-id",
+            "n",
+            "--api-retry-budget",
+            budget,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert out.returncode == 2 and "--api-retry-budget" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "logged"),
+    [
+        ("csi-1234", "csi-1234"),
+        ("app\nFORGED", "app\\nFORGED"),
+        ("a\u2028b", "a\\u2028b"),
+        ("x" * 300, "x" * 256 + "...(300 characters)"),
+    ],
+)
+def test_logged_request_values_are_escaped_and_cut(value: str, logged: str) -> None:
+    assert printable(value) == logged

@@ -53,6 +53,7 @@ INVALID: dict[str, Callable[[], csi_pb2.NodePublishVolumeRequest]] = {
     "target beside pods": lambda: request(target_path=PODS + "-evil/x"),
     "target with ..": lambda: request(target_path=f"{PODS}/x/../../../../etc"),
     "target not normalised": lambda: request(target_path=f"{PODS}//x/mount"),
+    "target component over 255 bytes": lambda: request(target_path=f"{PODS}/{'x' * 256}/mount"),
     "no capability": lambda: csi_pb2.NodePublishVolumeRequest(
         volume_id="v", target_path=TARGET, volume_context={"secretName": "db"}
     ),

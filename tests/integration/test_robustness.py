@@ -1,0 +1,196 @@
+"""Odd paths, odd callers and bad timing: the driver stays correct and leaves nothing behind."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from secretfs.csi.pb import csi_pb2
+from tests.fakeapi import FakeKubeAPI, Fault
+from tests.harness import Driver, Kubelet, code_of, mounts_below, read_as
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(autouse=True)
+def _secret(api: FakeKubeAPI) -> None:
+    api.set_secret("default", "db", {"password": b"hunter2"})
+
+
+def test_a_symlinked_kubelet_dir_publishes_once_and_unpublishes_cleanly(
+    new_driver: Driver,
+) -> None:
+    real = new_driver.workdir / "real-kubelet"
+    (real / "pods").mkdir(parents=True)
+    new_driver.kubelet_dir.symlink_to(real)
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db")
+
+    for _ in range(3):
+        kubelet.publish(volume)
+    assert len(mounts_below(real)) == 1
+    assert read_as(volume.target / "password") == b"hunter2"
+
+    kubelet.unpublish(volume)
+    assert mounts_below(real) == []
+    assert not os.path.lexists(volume.target)
+
+
+def test_a_symlinked_state_dir_survives_a_crash_and_restart(new_driver: Driver) -> None:
+    real = new_driver.workdir / "real-state"
+    real.mkdir()
+    new_driver.state_dir.symlink_to(real)
+    driver = new_driver.start()
+    kubelet = Kubelet(driver)
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+    driver.stop(signal.SIGKILL)
+
+    driver.start()
+    kubelet.unpublish(volume)
+
+    assert mounts_below(volume.target) == []
+    assert mounts_below(real) == [str(real)]
+
+
+def test_a_target_with_unicode_white_space_publishes_once_and_unpublishes(
+    new_driver: Driver,
+) -> None:
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db", pod_uid="pod\u00a0with\u2003spaces", name="a\u0085b")
+
+    for _ in range(3):
+        kubelet.publish(volume)
+    assert mounts_below(volume.target) == [str(volume.target)]
+
+    kubelet.unpublish(volume)
+    assert mounts_below(volume.target.parent) == []
+
+
+def test_unpublish_naming_another_volume_leaves_the_mount_alone(new_driver: Driver) -> None:
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+    impostor = csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="csi-not-this-one", target_path=str(volume.target)
+    )
+
+    assert code_of(new_driver.node.NodeUnpublishVolume, impostor) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert read_as(volume.target / "password") == b"hunter2"
+    kubelet.unpublish(volume)
+
+
+def test_unpublish_through_a_symlink_out_of_the_pods_folder_touches_nothing(
+    new_driver: Driver,
+) -> None:
+    driver = new_driver.start()
+    outside = driver.workdir / "outside"
+    (outside / "victim").mkdir(parents=True)
+    (driver.kubelet_dir / "pods" / "evil").symlink_to(outside)
+    request = csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="x", target_path=str(driver.kubelet_dir / "pods" / "evil" / "victim")
+    )
+
+    assert code_of(driver.node.NodeUnpublishVolume, request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (outside / "victim").is_dir()
+
+
+def test_probes_answer_while_publishes_wait_on_a_failing_api(
+    new_driver: Driver, api: FakeKubeAPI
+) -> None:
+    new_driver.extra_args = ["--api-retry-budget", "6"]
+    kubelet = Kubelet(new_driver.start())
+    api.inject(Fault(status=503, times=100_000, path="/secrets/down"))
+    volumes = [kubelet.volume("down") for _ in range(12)]
+
+    with concurrent.futures.ThreadPoolExecutor(len(volumes)) as pool:
+        publishes = [pool.submit(code_of, kubelet.publish, v) for v in volumes]
+        time.sleep(0.5)
+        start = time.monotonic()
+        ready = new_driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value
+        probe_seconds = time.monotonic() - start
+        codes = {p.result() for p in publishes}
+
+    assert ready and probe_seconds < 1.0
+    assert codes == {grpc.StatusCode.UNAVAILABLE}
+
+
+def test_sigterm_ends_a_publish_that_is_retrying_the_api(
+    new_driver: Driver, api: FakeKubeAPI
+) -> None:
+    new_driver.extra_args = ["--api-retry-budget", "60"]
+    kubelet = Kubelet(new_driver.start())
+    api.inject(Fault(status=503, times=100_000, path="/secrets/down"))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        publish = pool.submit(code_of, kubelet.publish, kubelet.volume("down"))
+        time.sleep(0.5)
+        start = time.monotonic()
+        assert new_driver.stop() == 0
+        stopped_in = time.monotonic() - start
+        assert publish.result() == grpc.StatusCode.UNAVAILABLE
+
+    assert stopped_in < 8.0
+
+
+def test_a_second_driver_on_a_live_socket_refuses_to_start_and_disturbs_nothing(
+    new_driver: Driver,
+) -> None:
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+    second = Driver(new_driver.workdir, new_driver.kubeconfig)
+
+    out = subprocess.run(second.command(), capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 2 and "another driver is serving" in out.stderr
+    assert read_as(volume.target / "password") == b"hunter2"
+    assert new_driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    kubelet.unpublish(volume)
+
+
+def test_probe_is_not_ready_once_the_filesystem_is_unmounted_behind_its_back(
+    new_driver: Driver,
+) -> None:
+    driver = new_driver.start()
+
+    os.system(f"umount -l {driver.state_dir}")  # noqa: S605 - a path the test made
+
+    assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
+
+
+def test_request_values_cannot_forge_log_lines_or_flood_them(new_driver: Driver) -> None:
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db")
+    volume.request.volume_context["csi.storage.k8s.io/pod.name"] = "app\nFORGED CRITICAL line"
+    kubelet.publish(volume)
+    huge = csi_pb2.NodeUnpublishVolumeRequest(volume_id="v" * 100_000, target_path="/x")
+    code_of(new_driver.node.NodeUnpublishVolume, huge)
+    kubelet.unpublish(volume)
+    new_driver.stop()
+
+    lines = new_driver.logs.splitlines()
+    assert not any(line.startswith("FORGED") for line in lines)
+    assert any("app\\nFORGED" in line for line in lines)
+    assert max(len(line) for line in lines) < 2000
+
+
+def test_the_harness_cleans_up_what_a_test_leaves_mounted(new_driver: Driver) -> None:
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db")
+    kubelet.publish(volume)
+    workdir = new_driver.workdir
+
+    new_driver.close()
+
+    assert mounts_below(workdir) == []
+    shutil.rmtree(workdir / "kubelet")  # nothing mounted, so removable
