@@ -8,6 +8,8 @@ base64-encoded, while the volume is published and after it is gone.
 from __future__ import annotations
 
 import base64
+import ctypes
+import errno
 import json
 import os
 import re
@@ -323,3 +325,48 @@ def test_a_rotated_out_value_leaves_no_copy_once_its_last_reader_closes(
     assert copies(driver, new) == (1, 0)
     kubelet.unpublish(volume)
     assert copies(driver, new) == (0, 0)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+def cached_pages(path: Path) -> int:
+    """Pages of `path` in the page cache, from cachestat(2) (Linux 6.5)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole, result = _CachestatRange(0, 0), _Cachestat()
+        if libc.syscall(451, fd, ctypes.byref(whole), ctypes.byref(result), 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSYS:
+                pytest.skip("the kernel has no cachestat(2)")
+            raise OSError(err, os.strerror(err))
+        return int(result.cache)
+    finally:
+        os.close(fd)
+
+
+def test_reads_leave_no_page_in_the_page_cache(
+    kubelet: Kubelet, api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    value = os.urandom(256 << 10)
+    api.set_secret("default", "uncached", {"k": value})
+    volume = kubelet.volume("uncached")
+    kubelet.publish(volume)
+    control = tmp_path / "control"
+    control.write_bytes(value)
+    for _ in range(20):
+        assert (volume.target / "k").read_bytes() == value
+        assert control.read_bytes() == value
+
+    assert cached_pages(control) > 0  # the measurement sees a cached file
+    assert cached_pages(volume.target / "k") == 0
+    kubelet.unpublish(volume)
