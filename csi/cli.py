@@ -57,13 +57,28 @@ def parser() -> argparse.ArgumentParser:
         help="the kubelet's root directory; targets must lie under its pods/ "
         "folder (default: %(default)s)",
     )
-    # TODO(#4): add `pod` (read with the pod's own service-account token) as the default.
     serve.add_argument(
         "--auth-mode",
-        choices=["driver"],
-        default="driver",
-        help="whose credentials read Secrets: `driver` uses the driver's own, "
-        "always confined to the pod's namespace (default: %(default)s)",
+        choices=["pod", "driver"],
+        default="pod",
+        help="whose credentials read Secrets: `pod` uses the pod's own service-account "
+        "token, which the kubelet passes when the CSIDriver sets tokenRequests, so RBAC "
+        "decides; `driver` uses the driver's own. Either way only the pod's namespace is "
+        "read (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--token-audience",
+        default="",
+        help="audience of the pod token to use, as listed in the CSIDriver's tokenRequests; "
+        '"" is the API server\'s own audience (default: "")',
+    )
+    serve.add_argument(
+        "--pod-binding",
+        choices=["on", "off"],
+        default="on",
+        help="on: only processes of the pod that published a volume may open its files "
+        "(the driver needs the host's pid namespace, hostPID); off: file modes alone "
+        "decide (default: %(default)s)",
     )
     serve.add_argument(
         "--state-dir",
@@ -151,9 +166,10 @@ def serve(args: argparse.Namespace) -> int:
     from secretfs.csi import mounts
     from secretfs.csi.identity import IdentityService
     from secretfs.csi.kube import SecretReader, connect
-    from secretfs.csi.node import NodeService
+    from secretfs.csi.node import Auth, NodeService
     from secretfs.csi.server import claim_socket
     from secretfs.csi.server import serve as serve_grpc
+    from secretfs.fs.binding import PodBinding
     from secretfs.fs.filesystem import SecretFS
     from secretfs.fs.session import FuseSession
 
@@ -182,13 +198,15 @@ def serve(args: argparse.Namespace) -> int:
     # Resolved, because /proc/self/mountinfo names mounts by their real paths.
     state_dir = os.path.realpath(args.state_dir)
     prepare_state_dir(state_dir)
-    session = FuseSession(SecretFS(), state_dir)
+    binding = PodBinding() if args.pod_binding == "on" else None
+    session = FuseSession(SecretFS(binding), state_dir)
     try:
         session.start()
     except (OSError, RuntimeError, TimeoutError) as exc:
         raise StartupError(f"cannot mount the FUSE filesystem at {state_dir}: {exc}") from None
 
-    node = NodeService(args.node_id, os.path.abspath(args.kubelet_dir), session, reader)
+    auth = Auth(args.auth_mode, args.token_audience, pod_binding=binding is not None)
+    node = NodeService(args.node_id, os.path.abspath(args.kubelet_dir), session, reader, auth)
     identity = IdentityService(
         args.driver_name, lambda: session.alive and mounts.is_mountpoint(state_dir)
     )
@@ -205,7 +223,14 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         session.stop()
         raise StartupError(str(exc)) from None
-    log.info("secretfs %s ready: driver %s on node %s", __version__, args.driver_name, args.node_id)
+    log.info(
+        "secretfs %s ready: driver %s on node %s, auth mode %s, pod binding %s",
+        __version__,
+        args.driver_name,
+        args.node_id,
+        args.auth_mode,
+        args.pod_binding,
+    )
 
     while not stop.wait(1.0):
         if not session.alive:

@@ -105,8 +105,14 @@ class SecretReader:
         self._stopping.set()
         self._client.close()
 
-    def read(self, namespace: str, name: str) -> dict[str, SecretBuffer]:
-        """The Secret's keys mapped to locked buffers holding the decoded values."""
+    def read(
+        self, namespace: str, name: str, authorization: SecretBuffer | None = None
+    ) -> dict[str, SecretBuffer]:
+        """The Secret's keys mapped to locked buffers holding the decoded values.
+
+        `authorization` (the caller keeps and wipes it) is sent as is; without
+        it the driver's own credentials are used.
+        """
         what = f"secret {namespace}/{name}"
         path = f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}"
         deadline = time.monotonic() + self._budget
@@ -115,7 +121,7 @@ class SecretReader:
         while True:
             attempt += 1
             try:
-                response = self._get(path, deadline)
+                response = self._get(path, deadline, authorization)
             except _Transient as exc:
                 pause = delay * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not crypto
                 if time.monotonic() + pause >= deadline:
@@ -138,18 +144,18 @@ class SecretReader:
             finally:
                 response.buffer.wipe()
 
-    def _get(self, path: str, deadline: float) -> Response:
+    def _get(self, path: str, deadline: float, authorization: SecretBuffer | None) -> Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Transient("no time left")
-        authorization = self._credentials()
+        own = self._credentials() if authorization is None else None
         try:
-            response = self._client.get(path, authorization, min(REQUEST_TIMEOUT, remaining))
+            response = self._client.get(path, authorization or own, min(REQUEST_TIMEOUT, remaining))
         except HttpError as exc:
             raise _Transient(str(exc)) from None
         finally:
-            if authorization is not None:
-                authorization.wipe()
+            if own is not None:
+                own.wipe()
         if 200 <= response.status < 300:
             return response
         try:

@@ -23,13 +23,21 @@ import grpc
 
 from secretfs.fs.buffer import SecretBuffer
 from secretfs.fs.session import FuseSession
-from secretfs.fs.tree import Layout
+from secretfs.fs.tree import Layout, Owner
 
 from . import mounts
 from .errors import CsiError
 from .kube import FetchError, SecretReader
 from .pb import csi_pb2, csi_pb2_grpc
-from .validation import PublishSpec, check_publish, check_target_path, check_volume_id
+from .validation import (
+    POD_UID,
+    SA_TOKENS,
+    PublishSpec,
+    check_publish,
+    check_target_path,
+    check_volume_id,
+    pod_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +63,15 @@ class Publication:
 
 class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def __init__(
-        self, node_id: str, kubelet_dir: str, session: FuseSession, reader: SecretReader
+        self,
+        node_id: str,
+        kubelet_dir: str,
+        session: FuseSession,
+        reader: SecretReader,
+        auth: Auth,
     ) -> None:
         self._node_id = node_id
+        self._auth = auth
         self._pods_dir = os.path.join(kubelet_dir, "pods")
         # Where those paths really are: mountinfo records resolved paths.
         self._real_pods_dir = os.path.realpath(self._pods_dir)
@@ -79,8 +93,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        # No staging, no stats, no expansion: publish and unpublish are all.
-        return csi_pb2.NodeGetCapabilitiesResponse()
+        # VOLUME_MOUNT_GROUP: the kubelet hands over the pod's fsGroup instead
+        # of trying to chown a read-only volume. No staging, stats or expansion.
+        mount_group = csi_pb2.NodeServiceCapability(
+            rpc=csi_pb2.NodeServiceCapability.RPC(
+                type=csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP
+            )
+        )
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[mount_group])
 
     def published_count(self) -> int:
         with self._lock:
@@ -92,20 +112,29 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
         spec = check_publish(request, self._pods_dir)
+        if self._auth.pod_binding and not spec.pod_uid:
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"volume_context has no {POD_UID}: pod binding needs podInfoOnMount: true",
+            )
         host_target = self._on_host(spec.target_path)
-        with self._publish_slots, self._claim(spec.volume_id, spec.target_path):
+        with (
+            self._credentials(request) as credentials,
+            self._publish_slots,
+            self._claim(spec.volume_id, spec.target_path),
+        ):
             with self._lock:
                 existing = self._published.get(spec.volume_id)
                 holder = self._holder_of(spec.target_path)
             if existing is not None and self._still_published(existing, spec, host_target):
-                self._refresh(existing)
+                self._refresh(existing, credentials)
                 return csi_pb2.NodePublishVolumeResponse()
             if holder is not None and holder.spec.volume_id != spec.volume_id:
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"target {spec.target_path} already holds volume {holder.spec.volume_id}",
                 )
-            self._publish(spec, host_target)
+            self._publish(spec, host_target, credentials)
         return csi_pb2.NodePublishVolumeResponse()
 
     def _on_host(self, target: str) -> str:
@@ -149,34 +178,79 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._forget(existing)
         return False
 
-    def _fetch(self, spec: PublishSpec) -> dict[str, SecretBuffer]:
+    @contextlib.contextmanager
+    def _credentials(
+        self, request: csi_pb2.NodePublishVolumeRequest
+    ) -> Iterator[SecretBuffer | None]:
+        """The pod's token in pod mode (wiped after the call), None in driver mode."""
+        if self._auth.mode != "pod":
+            yield None
+            return
+        token = pod_token(request.volume_context.get(SA_TOKENS), self._auth.audience)
         try:
-            return self._reader.read(spec.namespace, spec.secret_name)
-        except FetchError as exc:
-            raise CsiError(exc.code, str(exc)) from None
+            yield token
+        finally:
+            token.wipe()
 
-    def _refresh(self, publication: Publication) -> None:
+    def _fetch(
+        self, spec: PublishSpec, credentials: SecretBuffer | None
+    ) -> dict[str, SecretBuffer]:
+        """The volume's files, path to buffer: the Secret's keys, or its `items`."""
+        try:
+            buffers = self._reader.read(spec.namespace, spec.secret_name, credentials)
+        except FetchError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND and spec.optional:
+                return {}
+            raise CsiError(exc.code, self._explain(exc, spec)) from None
+        return select_files(buffers, spec)
+
+    def _explain(self, exc: FetchError, spec: PublishSpec) -> str:
+        if exc.code != grpc.StatusCode.PERMISSION_DENIED or self._auth.mode != "pod":
+            return str(exc)
+        account = f"{spec.namespace}/{spec.service_account or 'default'}"
+        return (
+            f"service account {account} may not get secret {spec.secret_ref}: grant it the "
+            f'verb "get" on resource "secrets" (resourceNames: ["{spec.secret_name}"]) in '
+            f"namespace {spec.namespace} with a Role and RoleBinding. API server: {exc}"
+        )
+
+    def _layout(self, spec: PublishSpec) -> Layout:
+        group = spec.mount_group
+        default_mode = 0o444 if group is None else 0o440
+        owner = Owner(spec.pod_uid, spec.volume_id) if self._auth.pod_binding else None
+        return Layout(
+            file_mode=default_mode if spec.file_mode is None else spec.file_mode,
+            dir_mode=0o555 if group is None else 0o550,
+            gid=group or 0,
+            modes={i.path: i.mode for i in spec.items or () if i.mode is not None},
+            owner=owner,
+        )
+
+    def _refresh(self, publication: Publication, credentials: SecretBuffer | None) -> None:
         """A repeated publish (CSIDriver requiresRepublish): rotate if the Secret changed.
 
         If the Secret cannot be read the volume keeps its current files and
         the call reports why.
         """
-        buffers = self._fetch(publication.spec)
-        if self._session.rotate(publication.volume_dir, buffers, Layout()):
+        files = self._fetch(publication.spec, credentials)
+        if self._session.rotate(publication.volume_dir, files, self._layout(publication.spec)):
             log.info(
                 "rotated volume %s to the current %s",
                 publication.spec.volume_id,
                 publication.spec.secret_ref,
             )
 
-    def _publish(self, spec: PublishSpec, host_target: str) -> None:
-        buffers = self._fetch(spec)
+    def _publish(
+        self, spec: PublishSpec, host_target: str, credentials: SecretBuffer | None
+    ) -> None:
+        files = self._fetch(spec, credentials)
         # Unique per publication, so a name the kernel still caches from an
         # earlier publication of the same volume can never reach this one.
         digest = hashlib.sha256(spec.volume_id.encode()).hexdigest()[:32]
         volume_dir = f"{digest}.{next(self._serial)}"
         with contextlib.ExitStack() as undo:
-            self._add_volume(volume_dir, buffers)
+            # From here on the filesystem owns the buffers, and wipes them if this fails.
+            self._session.call(self._session.fs.add_volume, volume_dir, files, self._layout(spec))
             undo.callback(self._remove_volume, volume_dir)
             self._clear_stale_mount(host_target)
             for created in reversed(self._make_target(host_target)):
@@ -192,10 +266,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             undo.pop_all()
         with self._lock:
             self._published[spec.volume_id] = Publication(spec, volume_dir)
-
-    def _add_volume(self, volume_dir: str, buffers: dict[str, SecretBuffer]) -> None:
-        # From here on the filesystem owns the buffers, and wipes them if this fails.
-        self._session.call(self._session.fs.add_volume, volume_dir, buffers, Layout())
 
     def _remove_volume(self, volume_dir: str) -> None:
         if self._session.alive:
@@ -329,6 +399,44 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         finally:
             with self._lock:
                 self._inflight.difference_update(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Whose identity reads Secrets, and who may open the files."""
+
+    mode: str = "pod"  # "pod": the pod's service-account token; "driver": our own
+    audience: str = ""  # the token audience the CSIDriver requests ("" = the API server's)
+    pod_binding: bool = True
+
+
+def select_files(buffers: dict[str, SecretBuffer], spec: PublishSpec) -> dict[str, SecretBuffer]:
+    """Map a Secret's keys to file paths: all keys, or the `items` asked for.
+
+    Buffers of keys not asked for are wiped. A key listed twice gets a copy
+    of its own, so each file's buffer has a single owner.
+    """
+    if spec.items is None:
+        return buffers
+    missing = sorted({item.key for item in spec.items} - set(buffers))
+    if missing and not spec.optional:
+        for buffer in buffers.values():
+            buffer.wipe()
+        raise CsiError(
+            grpc.StatusCode.NOT_FOUND, f"secret {spec.secret_ref} has no key {missing[0]}"
+        )
+    files: dict[str, SecretBuffer] = {}
+    used: set[str] = set()
+    for item in spec.items:
+        if item.key not in buffers:
+            continue
+        source = buffers[item.key]
+        files[item.path] = SecretBuffer.from_bytes(source.view()) if item.key in used else source
+        used.add(item.key)
+    for key, buffer in buffers.items():
+        if key not in used:
+            buffer.wipe()
+    return files
 
 
 def _unsupported(name: str) -> CsiError:

@@ -2,16 +2,24 @@
 
 Every field is checked before anything is fetched or mounted, and a bad one
 ends the call with INVALID_ARGUMENT and a message naming the field and the
-rule. Messages never echo a value that could be secret.
+rule. Messages never echo a value that could be secret; names of attributes
+and item paths are not secret and are named.
+
+The volume attributes mirror the kubelet's own secret volume, so that a pod
+author finds the same knobs: `secretName`, `items` (KeyToPath: key, path,
+mode), `fileMode` (defaultMode) and `optional`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 
 import grpc
+
+from secretfs.fs.buffer import SecretBuffer, scrub_bytes, scrub_str
 
 from .errors import CsiError
 from .pb import csi_pb2
@@ -28,16 +36,36 @@ KUBELET_PREFIX = "csi.storage.k8s.io/"
 
 # Attributes a pod author may set in the volume's volumeAttributes.
 SECRET_NAME = "secretName"  # noqa: S105 - an attribute name, not a password
-USER_ATTRIBUTES = frozenset({SECRET_NAME})
+ITEMS = "items"
+FILE_MODE = "fileMode"
+OPTIONAL = "optional"
+USER_ATTRIBUTES = (SECRET_NAME, ITEMS, FILE_MODE, OPTIONAL)
 
 # CSI caps identifiers at 128 bytes; the kubelet's ephemeral ids are 68.
 MAX_VOLUME_ID = 128
 PATH_MAX = 4096
 NAME_MAX = 255
 
+# Modes may only grant reading: the volume is read-only whatever they say,
+# and execute or set-id bits have no business on a secret.
+READ_BITS = 0o444
+
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_OCTAL = re.compile(r"0?[0-7]{1,3}")
+
+BEARER = b"Bearer "
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One KeyToPath entry: Secret key `key` appears at `path`, with `mode` if set."""
+
+    key: str
+    path: str
+    mode: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +76,13 @@ class PublishSpec:
     target_path: str
     namespace: str
     secret_name: str
-    pod_name: str
-    pod_uid: str
+    pod_name: str = ""
+    pod_uid: str = ""
+    service_account: str = ""
+    items: tuple[Item, ...] | None = None
+    file_mode: int | None = None
+    optional: bool = False
+    mount_group: int | None = None
 
     @property
     def secret_ref(self) -> str:
@@ -91,16 +124,9 @@ def check_target_path(target_path: str, pods_dir: str) -> str:
 def check_publish(request: csi_pb2.NodePublishVolumeRequest, pods_dir: str) -> PublishSpec:
     volume_id = check_volume_id(request.volume_id)
     target = check_target_path(request.target_path, pods_dir)
+    mount_group = _check_capability(request)
 
-    if not request.HasField("volume_capability"):
-        raise _invalid("volume_capability missing in request")
-    capability = request.volume_capability
-    if capability.HasField("block"):
-        raise _invalid("block access is not supported: SecretFS volumes are filesystems")
-    if not capability.HasField("mount"):
-        raise _invalid("volume_capability must ask for mount access")
-
-    context = dict(request.volume_context)
+    context = request.volume_context
     unknown = sorted(
         k for k in context if k not in USER_ATTRIBUTES and not k.startswith(KUBELET_PREFIX)
     )
@@ -108,7 +134,7 @@ def check_publish(request: csi_pb2.NodePublishVolumeRequest, pods_dir: str) -> P
         # Names only: a mistyped attribute is not secret, its value might be.
         raise _invalid(
             f"unknown volume attributes {', '.join(unknown)}; "
-            f"valid attributes: {', '.join(sorted(USER_ATTRIBUTES))}"
+            f"valid attributes: {', '.join(USER_ATTRIBUTES)}"
         )
 
     namespace = context.get(POD_NAMESPACE, "")
@@ -136,4 +162,141 @@ def check_publish(request: csi_pb2.NodePublishVolumeRequest, pods_dir: str) -> P
         secret_name=secret_name,
         pod_name=context.get(POD_NAME, ""),
         pod_uid=context.get(POD_UID, ""),
+        service_account=context.get(SERVICE_ACCOUNT, ""),
+        items=_check_items(context[ITEMS]) if ITEMS in context else None,
+        file_mode=_check_mode(context[FILE_MODE], FILE_MODE) if FILE_MODE in context else None,
+        optional=_check_optional(context.get(OPTIONAL, "false")),
+        mount_group=mount_group,
     )
+
+
+def _check_capability(request: csi_pb2.NodePublishVolumeRequest) -> int | None:
+    """Mount access is required; returns the fsGroup the kubelet delegated, if any."""
+    if not request.HasField("volume_capability"):
+        raise _invalid("volume_capability missing in request")
+    capability = request.volume_capability
+    if capability.HasField("block"):
+        raise _invalid("block access is not supported: SecretFS volumes are filesystems")
+    if not capability.HasField("mount"):
+        raise _invalid("volume_capability must ask for mount access")
+    group = capability.mount.volume_mount_group
+    if not group:
+        return None
+    if not group.isdigit() or int(group) > 0xFFFFFFFE:
+        raise _invalid("volume_mount_group must be a numeric group id")
+    return int(group)
+
+
+def _check_mode(value: object, what: str) -> int:
+    """A mode with read bits only: an octal string ("0440") or, in items, a number."""
+    if isinstance(value, str) and _OCTAL.fullmatch(value):
+        mode = int(value, 8)
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
+        mode = value
+    else:
+        raise _invalid(f"{what} must be an octal mode such as 0440")
+    if mode & ~READ_BITS:
+        raise _invalid(f"{what} may only grant read permission (bits of 0444), not {mode:04o}")
+    return mode
+
+
+def _check_optional(value: str) -> bool:
+    if value not in ("true", "false"):
+        raise _invalid(f"volume attribute {OPTIONAL} must be true or false")
+    return value == "true"
+
+
+def _check_items(text: str) -> tuple[Item, ...]:
+    """Parse and check `items`: a JSON list of {key, path, mode} objects."""
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        raise _invalid(f"volume attribute {ITEMS} is not JSON") from None
+    if not isinstance(entries, list):
+        raise _invalid(f"volume attribute {ITEMS} must be a JSON list of {{key, path, mode}}")
+    items: list[Item] = []
+    for index, entry in enumerate(entries):
+        where = f"{ITEMS}[{index}]"
+        if not isinstance(entry, dict) or set(entry) - {"key", "path", "mode"}:
+            raise _invalid(f"{where} must be an object with key, path and an optional mode")
+        key, path = entry.get("key"), entry.get("path")
+        if not isinstance(key, str) or not _SECRET_KEY.fullmatch(key) or key in (".", ".."):
+            raise _invalid(f"{where}.key is not a valid Secret key")
+        if not isinstance(path, str):
+            raise _invalid(f"{where}.path must be a string")
+        _check_item_path(path, where)
+        mode = _check_mode(entry["mode"], f"{where}.mode") if "mode" in entry else None
+        items.append(Item(key, path, mode))
+    _check_no_collisions(items)
+    return tuple(items)
+
+
+def _check_item_path(path: str, where: str) -> None:
+    if not path:
+        raise _invalid(f"{where}.path is empty")
+    if len(path.encode()) > PATH_MAX or _CONTROL.search(path):
+        raise _invalid(f"{where}.path must be at most {PATH_MAX} bytes without control characters")
+    if path.startswith("/"):
+        raise _invalid(f"{where}.path must be relative")
+    parts = path.split("/")
+    if ".." in parts or "" in parts or os.path.normpath(path) != path:
+        raise _invalid(f"{where}.path must be normalised, without '..' or empty segments")
+    if any(len(part.encode()) > NAME_MAX for part in parts):
+        raise _invalid(f"{where}.path has a segment longer than {NAME_MAX} bytes")
+
+
+def _check_no_collisions(items: list[Item]) -> None:
+    """No two items at one path, and no item under another item's file."""
+    paths = {item.path for item in items}
+    if len(paths) != len(items):
+        raise _invalid(f"two {ITEMS} share a path")
+    for path in paths:
+        parent = path
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            if parent in paths:
+                raise _invalid(f"{ITEMS} path {path} lies under the file {parent}")
+
+
+def pod_token(tokens: str | None, audience: str) -> SecretBuffer:
+    """The pod's service-account token for `audience`, as an Authorization value.
+
+    `tokens` is the kubelet's `serviceAccount.tokens` attribute, present only
+    when the CSIDriver asks for tokens. Every temporary that held the token
+    is zeroed before this returns.
+    """
+    if not tokens:
+        raise _invalid(
+            "volume_context carries no service-account token: the CSIDriver object must "
+            f'request one (spec.tokenRequests: [{{audience: "{audience}"}}]); '
+            "SecretFS never falls back to its own identity in pod mode"
+        )
+    try:
+        parsed = json.loads(tokens)
+    except ValueError:
+        parsed = None
+    finally:
+        scrub_str(tokens)
+    found = [
+        entry["token"]
+        for entry in (parsed.values() if isinstance(parsed, dict) else ())
+        if isinstance(entry, dict) and isinstance(entry.get("token"), str)
+    ]
+    try:
+        entry = parsed.get(audience) if isinstance(parsed, dict) else None
+        token = entry.get("token") if isinstance(entry, dict) else None
+        if not isinstance(token, str) or not token:
+            raise _invalid(
+                f"{SA_TOKENS} has no token for audience {audience!r}: the CSIDriver's "
+                "tokenRequests must list that audience"
+            )
+        raw = token.encode()
+        value = SecretBuffer(len(BEARER) + len(raw))
+        view = value.writable()
+        view[: len(BEARER)] = BEARER
+        view[len(BEARER) :] = raw
+        scrub_bytes(raw)
+        return value
+    finally:
+        for text in found:
+            scrub_str(text)

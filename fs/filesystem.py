@@ -46,6 +46,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .binding import PodBinding
 from .buffer import SecretBuffer, WipedBufferError
 from .tree import Directory, File, Layout, Node, build_tree, files_by_path, make_attrs, walk
 
@@ -86,12 +87,10 @@ def _same_contents(
     for path, buffer in files.items():
         old = current[path.encode()]
         # memoryview equality compares the bytes in place, without copies
-        if (
-            old.buffer.view() != buffer.view()
-            or stat.S_IMODE(old.attrs.st_mode) != layout.file_mode
-        ):
+        if old.buffer.view() != buffer.view() or old.owner != layout.owner:
             return False
-        if (old.attrs.st_uid, old.attrs.st_gid) != (layout.uid, layout.gid):
+        owner = (stat.S_IMODE(old.attrs.st_mode), old.attrs.st_uid, old.attrs.st_gid)
+        if owner != (layout.mode_of(path), layout.uid, layout.gid):
             return False
     return True
 
@@ -122,8 +121,9 @@ class SecretFS(pyfuse3.Operations):
     # Lookups of "." and ".." are not answered; the kernel handles them.
     supports_dot_lookup = False
 
-    def __init__(self) -> None:
+    def __init__(self, binding: PodBinding | None = None) -> None:
         super().__init__()
+        self.binding = binding  # None: any process the file modes allow may open
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._next_fh = 1
         now = time.time_ns()
@@ -300,6 +300,13 @@ class SecretFS(pyfuse3.Operations):
             raise FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FUSEError(errno.EROFS)
+        owner = node.owner
+        if (
+            owner is not None
+            and self.binding is not None
+            and not self.binding.allows(ctx.pid, ctx.uid, owner.pod_uid, owner.volume)
+        ):
+            raise FUSEError(errno.EACCES)
         if node.buffer.wiped:
             raise FUSEError(errno.ESTALE)
         fh = self._new_fh()

@@ -25,13 +25,26 @@ CACHE_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """The pod whose processes alone may open a volume's files."""
+
+    pod_uid: str
+    volume: str  # the volume id, for logs
+
+
+@dataclass(frozen=True, slots=True)
 class Layout:
-    """Ownership and permission bits for every node of one volume."""
+    """Ownership, permission bits and pod binding for every node of one volume."""
 
     file_mode: int = 0o444
     dir_mode: int = 0o555
     uid: int = 0
     gid: int = 0
+    modes: Mapping[str, int] = field(default_factory=dict)  # per-path file modes
+    owner: Owner | None = None
+
+    def mode_of(self, path: str) -> int:
+        return self.modes.get(path, self.file_mode)
 
 
 @dataclass(eq=False, slots=True)
@@ -43,6 +56,7 @@ class File:
     # before the swap, and its buffer is wiped when the last one closes.
     handles: int = 0
     retired: bool = False
+    owner: Owner | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -115,18 +129,9 @@ def build_tree(
         if leaf in parent.entries:
             raise ValueError(f"path {path!r} appears twice")
         inode = allocate()
-        parent.entries[leaf] = File(
-            inode,
-            buffer,
-            make_attrs(
-                inode,
-                stat.S_IFREG | layout.file_mode,
-                len(buffer),
-                layout.uid,
-                layout.gid,
-                stamp_ns,
-            ),
-        )
+        mode = stat.S_IFREG | layout.mode_of(path)
+        attrs = make_attrs(inode, mode, len(buffer), layout.uid, layout.gid, stamp_ns)
+        parent.entries[leaf] = File(inode, buffer, attrs, owner=layout.owner)
     for directory in walk_dirs(top):
         directory.seal()
     return top

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, unmount_below
+from tests.harness import Driver, Kubelet, remove_test_cgroups, unmount_below
 
 # The driver's own identity in the stand-in, and the namespaces it may read.
 DRIVER_USER = "system:serviceaccount:secretfs:secretfs-node"
@@ -68,6 +68,30 @@ def driver_token(api: FakeKubeAPI) -> str:
     return token
 
 
+@pytest.fixture(scope="session")
+def pod_tokens(api: FakeKubeAPI) -> Callable[[str, str], str]:
+    """Service-account tokens for pods; `default` accounts may read their namespace."""
+    minted: dict[tuple[str, str], str] = {}
+    for namespace in READABLE_NAMESPACES:
+        api.grant(f"system:serviceaccount:{namespace}:default", namespace, "get")
+
+    def mint(namespace: str, account: str) -> str:
+        if (namespace, account) not in minted:
+            minted[namespace, account] = api.add_user(
+                f"system:serviceaccount:{namespace}:{account}"
+            )
+        return minted[namespace, account]
+
+    return mint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_cgroups() -> Iterator[None]:
+    yield
+    if fuse_unavailable() is None:
+        remove_test_cgroups()
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_faults(api: FakeKubeAPI) -> Iterator[None]:
     yield
@@ -87,10 +111,13 @@ def remove_workdir(workdir: Path) -> None:
 
 
 @pytest.fixture
-def new_driver(api: FakeKubeAPI, driver_token: str) -> Iterator[Driver]:
+def new_driver(
+    api: FakeKubeAPI, driver_token: str, pod_tokens: Callable[[str, str], str]
+) -> Iterator[Driver]:
     """A driver of the test's own, not yet started: for restarts, kills and flags."""
     workdir = make_workdir()
-    driver = Driver(workdir, api.write_kubeconfig(workdir / "kubeconfig", driver_token))
+    kubeconfig = api.write_kubeconfig(workdir / "kubeconfig", driver_token)
+    driver = Driver(workdir, kubeconfig, tokens=pod_tokens)
     try:
         yield driver
     finally:
@@ -99,12 +126,15 @@ def new_driver(api: FakeKubeAPI, driver_token: str) -> Iterator[Driver]:
 
 
 @pytest.fixture(scope="module")
-def driver(api: FakeKubeAPI, driver_token: str) -> Iterator[Driver]:
+def driver(
+    api: FakeKubeAPI, driver_token: str, pod_tokens: Callable[[str, str], str]
+) -> Iterator[Driver]:
     """One running driver shared by a test module."""
     if fuse_unavailable():
         pytest.skip(fuse_unavailable() or "")
     workdir = make_workdir()
-    shared = Driver(workdir, api.write_kubeconfig(workdir / "kubeconfig", driver_token))
+    kubeconfig = api.write_kubeconfig(workdir / "kubeconfig", driver_token)
+    shared = Driver(workdir, kubeconfig, tokens=pod_tokens)
     try:
         yield shared.start()
     finally:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,18 +56,65 @@ def unmount_below(path: Path | str) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
-def read_as(path: Path | str, uid: int = NOBODY, gid: int = NOBODY) -> bytes | int:
-    """The file's bytes as read by `uid`, or the errno the read failed with."""
+def cgroup2_root() -> Path:
+    """Where the cgroup v2 hierarchy is mounted, from /proc/mounts."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split(" ")
+            if fields[2] == "cgroup2":
+                return Path(fields[1])
+    raise RuntimeError("no cgroup2 hierarchy is mounted")
+
+
+# Test pods live in cgroups below this one, named as the kubelet's cgroupfs
+# driver names them, so the driver's pod binding recognises them.
+TEST_CGROUPS = "secretfs-tests"
+
+
+def pod_cgroup(pod_uid: str) -> Path:
+    path = cgroup2_root() / TEST_CGROUPS / "kubepods" / "besteffort" / f"pod{pod_uid}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_test_cgroups() -> None:
+    """Remove every test pod cgroup; their processes have exited by now."""
+    top = cgroup2_root() / TEST_CGROUPS
+    if top.exists():
+        for directory in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if directory.is_dir():
+                directory.rmdir()
+        top.rmdir()
+
+
+@contextlib.contextmanager
+def in_pod(pod_uid: str) -> Iterator[None]:
+    """Run the test process itself inside a pod's cgroup for the block."""
+    with open("/proc/self/cgroup") as f:
+        home = next(line for line in f if line.startswith("0::")).strip()[3:]
+    (pod_cgroup(pod_uid) / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        (cgroup2_root() / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def read_as(
+    path: Path | str,
+    pod: str | None = None,
+    uid: int = NOBODY,
+    gid: int = NOBODY,
+    groups: tuple[int, ...] = (),
+) -> bytes | int:
+    """The file's bytes as read by `uid` from inside pod `pod`, or the errno it failed with."""
+    credentials = [f"--reuid={uid}", f"--regid={gid}"]
+    credentials.append(f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups")
     # cat rather than Python: the test's interpreter may sit where `uid` cannot reach.
-    out = subprocess.run(
-        ["cat", "--", str(path)],
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        capture_output=True,
-        check=False,
-        timeout=30,
-    )
+    reader = ["setpriv", *credentials, "cat", "--", str(path)]
+    if pod is not None:
+        procs = pod_cgroup(pod) / "cgroup.procs"
+        reader = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *reader]
+    out = subprocess.run(reader, capture_output=True, check=False, timeout=30)
     if out.returncode == 0:
         return out.stdout
     reason = out.stderr.decode().strip().rsplit(": ", 1)[-1]
@@ -79,6 +127,9 @@ class Driver:
     kubeconfig: Path
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    # Mints a service-account token, (namespace, account) -> token, as the
+    # kubelet does for a CSIDriver with tokenRequests; None sends none.
+    tokens: Callable[[str, str], str] | None = None
 
     def __post_init__(self) -> None:
         self.kubelet_dir = self.workdir / "kubelet"
@@ -185,6 +236,7 @@ class Volume:
     volume_id: str
     target: Path
     request: Any
+    pod_uid: str
 
 
 @dataclass
@@ -201,6 +253,7 @@ class Kubelet:
         attributes: dict[str, str] | None = None,
         namespace: str | None = None,
         mount: bool = True,
+        fs_group: int | None = None,
     ) -> Volume:
         """A publish request for one inline volume, with its parent directory prepared."""
         pod_uid = pod_uid or str(uuid.uuid4())
@@ -228,6 +281,12 @@ class Kubelet:
             "csi.storage.k8s.io/ephemeral": "true",
             "secretName": secret,
         }
+        if self.driver.tokens is not None:
+            token = self.driver.tokens(context["csi.storage.k8s.io/pod.namespace"], "default")
+            expiry = "2099-01-01T00:00:00Z"
+            context["csi.storage.k8s.io/serviceAccount.tokens"] = json.dumps(
+                {"": {"token": token, "expirationTimestamp": expiry}}
+            )
         context.update(attributes or {})
         capability = csi_pb2.VolumeCapability(
             access_mode=csi_pb2.VolumeCapability.AccessMode(
@@ -236,6 +295,8 @@ class Kubelet:
         )
         if mount:
             capability.mount.SetInParent()
+            if fs_group is not None:
+                capability.mount.volume_mount_group = str(fs_group)
         else:
             capability.block.SetInParent()
         request = csi_pb2.NodePublishVolumeRequest(
@@ -245,7 +306,7 @@ class Kubelet:
             volume_capability=capability,
             volume_context=context,
         )
-        return Volume(volume_id, parent / "mount", request)
+        return Volume(volume_id, parent / "mount", request, pod_uid)
 
     # The kubelet dials the plugin's socket for each call and closes the
     # connection afterwards; so does this helper. (A local subchannel pool

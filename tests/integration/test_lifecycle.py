@@ -12,7 +12,7 @@ import pytest
 
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, code_of, mounts_below
+from tests.harness import Driver, Kubelet, code_of, in_pod, mounts_below
 
 pytestmark = pytest.mark.fuse
 
@@ -41,7 +41,10 @@ def test_node_info_names_the_node_and_unsupported_calls_are_unimplemented(
     node = driver.node
 
     assert node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "node-1"
-    assert list(node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities) == []
+    capabilities = node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities
+    assert [c.rpc.type for c in capabilities] == [
+        csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP
+    ]
     for call, request in [
         (node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest()),
         (node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest()),
@@ -87,7 +90,7 @@ def test_a_crashed_run_leaves_nothing_that_stops_a_new_start_and_its_volumes_unp
     assert not os.path.lexists(volume.target)
     fresh = kubelet.volume("db")
     kubelet.publish(fresh)
-    with open(fresh.target / "password", "rb") as f:
+    with in_pod(fresh.pod_uid), open(fresh.target / "password", "rb") as f:
         assert f.read() == b"hunter2"
     kubelet.unpublish(fresh)
 
@@ -103,7 +106,7 @@ def test_publish_over_a_dead_mount_of_a_crashed_run_replaces_it(new_driver: Driv
     kubelet.publish(volume)
 
     assert mounts_below(volume.target) == [str(volume.target)]
-    with open(volume.target / "password", "rb") as f:
+    with in_pod(volume.pod_uid), open(volume.target / "password", "rb") as f:
         assert f.read() == b"hunter2"
     kubelet.unpublish(volume)
 

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, code_of, read_as
+from tests.harness import Driver, Kubelet, code_of, in_pod, read_as
 
 pytestmark = pytest.mark.fuse
 
@@ -105,7 +105,7 @@ def test_a_secret_has_one_plaintext_copy_while_published_and_none_after(
     volume = kubelet.volume("scan")
     kubelet.publish(volume)
     for _ in range(20):
-        assert read_as(volume.target / "token") == value
+        assert read_as(volume.target / "token", pod=volume.pod_uid) == value
 
     assert copies(driver, value) == (1, 0)
     kubelet.unpublish(volume)
@@ -121,7 +121,7 @@ def test_a_one_mebibyte_value_has_one_copy_while_published_and_none_after(
     volume = kubelet.volume("big")
     kubelet.publish(volume)
     for _ in range(3):
-        assert read_as(volume.target / "blob") == value
+        assert read_as(volume.target / "blob", pod=volume.pod_uid) == value
 
     assert copies(driver, head) == (1, 0)
     assert copies(driver, tail)[0] == 1
@@ -156,11 +156,11 @@ def test_a_publish_that_fails_after_the_fetch_leaves_no_copy(
     assert copies(driver, value) == (0, 0)
 
 
-def test_a_token_in_the_request_leaves_no_copy(
-    kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
-) -> None:
+def test_the_pods_token_leaves_no_copy(kubelet: Kubelet, driver: Driver, api: FakeKubeAPI) -> None:
     token = marker()
     api.set_secret("default", "db", {"k": b"v"})
+    # A real token of the pod's account: the driver reads the Secret with it.
+    api.add_user("system:serviceaccount:default:default", token.decode())
     tokens = json.dumps(
         {"": {"token": token.decode(), "expirationTimestamp": "2030-01-01T00:00:00Z"}}
     )
@@ -244,7 +244,7 @@ def test_nothing_is_written_to_disk_and_no_file_holds_the_secret(
     volume = kubelet.volume("disk")
     kubelet.publish(volume)
     for _ in range(20):
-        assert read_as(volume.target / "k") == value
+        assert read_as(volume.target / "k", pod=volume.pod_uid) == value
     kubelet.unpublish(volume)
 
     assert write_bytes(driver.process.pid) == written_before
@@ -313,7 +313,8 @@ def test_a_rotated_out_value_leaves_no_copy_once_its_last_reader_closes(
     api.set_secret("default", "rotor", {"k": old})
     volume = kubelet.volume("rotor")
     kubelet.publish(volume)
-    reader = open(volume.target / "k", "rb")
+    with in_pod(volume.pod_uid):
+        reader = open(volume.target / "k", "rb")
 
     api.set_secret("default", "rotor", {"k": new})
     kubelet.publish(volume)
@@ -363,10 +364,12 @@ def test_reads_leave_no_page_in_the_page_cache(
     kubelet.publish(volume)
     control = tmp_path / "control"
     control.write_bytes(value)
-    for _ in range(20):
-        assert (volume.target / "k").read_bytes() == value
-        assert control.read_bytes() == value
+    with in_pod(volume.pod_uid):
+        for _ in range(20):
+            assert (volume.target / "k").read_bytes() == value
+            assert control.read_bytes() == value
 
     assert cached_pages(control) > 0  # the measurement sees a cached file
-    assert cached_pages(volume.target / "k") == 0
+    with in_pod(volume.pod_uid):
+        assert cached_pages(volume.target / "k") == 0
     kubelet.unpublish(volume)

@@ -14,7 +14,7 @@ import pytest
 
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI, Fault
-from tests.harness import Driver, Kubelet, code_of, mounts_below, read_as
+from tests.harness import Driver, Kubelet, code_of, in_pod, mounts_below, read_as
 
 pytestmark = pytest.mark.fuse
 
@@ -53,7 +53,7 @@ def test_a_non_root_reader_sees_each_key_as_a_file_with_its_exact_bytes(
 
     assert sorted(os.listdir(volume.target)) == sorted(db)
     for key, value in db.items():
-        assert read_as(volume.target / key) == value
+        assert read_as(volume.target / key, pod=volume.pod_uid) == value
         assert os.stat(volume.target / key).st_size == len(value)
     kubelet.unpublish(volume)
 
@@ -126,7 +126,7 @@ def test_every_change_fails_with_erofs_even_for_root(
         MUTATIONS[mutation](volume.target)
 
     assert failure.value.errno == errno.EROFS
-    assert read_as(volume.target / "password") == db["password"]
+    assert read_as(volume.target / "password", pod=volume.pod_uid) == db["password"]
     kubelet.unpublish(volume)
 
 
@@ -150,8 +150,8 @@ def test_a_large_value_and_thousands_of_keys_are_served_completely(
 
     assert sorted(os.listdir(volume.target)) == sorted(values)
     assert sorted(os.listdir(volume.target)) == sorted(os.listdir(volume.target))
-    assert read_as(volume.target / "big") == values["big"]
-    assert read_as(volume.target / "key-02999") == b"value 2999"
+    assert read_as(volume.target / "big", pod=volume.pod_uid) == values["big"]
+    assert read_as(volume.target / "key-02999", pod=volume.pod_uid) == b"value 2999"
     kubelet.unpublish(volume)
 
 
@@ -190,7 +190,7 @@ def test_another_secret_for_a_published_target_is_already_exists(
     volume.request.volume_context["secretName"] = "other"
 
     assert code_of(kubelet.publish, volume) == grpc.StatusCode.ALREADY_EXISTS
-    assert read_as(volume.target / "password") == db["password"]
+    assert read_as(volume.target / "password", pod=volume.pod_uid) == db["password"]
     kubelet.unpublish(volume)
 
 
@@ -254,7 +254,7 @@ def test_a_transient_api_failure_is_retried(
     kubelet.publish(volume)
 
     assert api.count("GET", "/secrets/db") - gets_before == 3
-    assert read_as(volume.target / "password") == db["password"]
+    assert read_as(volume.target / "password", pod=volume.pod_uid) == db["password"]
     kubelet.unpublish(volume)
 
 
@@ -282,7 +282,8 @@ def test_an_open_file_of_an_unpublished_volume_reads_estale_and_others_keep_serv
     doomed, survivor = kubelet.volume("db"), kubelet.volume("db")
     kubelet.publish(doomed)
     kubelet.publish(survivor)
-    fd = os.open(doomed.target / "password", os.O_RDONLY)
+    with in_pod(doomed.pod_uid):
+        fd = os.open(doomed.target / "password", os.O_RDONLY)
     try:
         kubelet.unpublish(doomed)
         with pytest.raises(OSError) as failure:
@@ -291,7 +292,7 @@ def test_an_open_file_of_an_unpublished_volume_reads_estale_and_others_keep_serv
         os.close(fd)
 
     assert failure.value.errno == errno.ESTALE
-    assert read_as(survivor.target / "password") == db["password"]
+    assert read_as(survivor.target / "password", pod=survivor.pod_uid) == db["password"]
     kubelet.unpublish(survivor)
 
 
@@ -311,7 +312,7 @@ def test_reads_racing_an_unpublish_get_an_errno_and_the_driver_survives(
             except OSError as exc:
                 outcomes.add(errno.errorcode.get(exc.errno or 0, "?"))
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with in_pod(volume.pod_uid), concurrent.futures.ThreadPoolExecutor(2) as pool:
         readers = [pool.submit(hammer) for _ in range(2)]
         kubelet.unpublish(volume)
         for reader in readers:
@@ -357,12 +358,12 @@ def test_a_repeated_publish_rotates_a_changed_secret_and_open_files_keep_their_v
     api.set_secret("default", "rotating", {"password": b"first", "old-only": b"x"})
     volume = kubelet.volume("rotating")
     kubelet.publish(volume)
-    with open(volume.target / "password", "rb") as before:
+    with in_pod(volume.pod_uid), open(volume.target / "password", "rb") as before:
         api.set_secret("default", "rotating", {"password": b"second", "new-only": b"y"})
         kubelet.publish(volume)
 
         assert before.read() == b"first"
-        assert read_as(volume.target / "password") == b"second"
+        assert read_as(volume.target / "password", pod=volume.pod_uid) == b"second"
         assert sorted(os.listdir(volume.target)) == ["new-only", "password"]
         assert mounts_below(volume.target) == [str(volume.target)]
     kubelet.unpublish(volume)

@@ -36,7 +36,7 @@ def test_a_symlinked_kubelet_dir_publishes_once_and_unpublishes_cleanly(
     for _ in range(3):
         kubelet.publish(volume)
     assert len(mounts_below(real)) == 1
-    assert read_as(volume.target / "password") == b"hunter2"
+    assert read_as(volume.target / "password", pod=volume.pod_uid) == b"hunter2"
 
     kubelet.unpublish(volume)
     assert mounts_below(real) == []
@@ -85,7 +85,7 @@ def test_unpublish_naming_another_volume_leaves_the_mount_alone(new_driver: Driv
     assert code_of(new_driver.node.NodeUnpublishVolume, impostor) == (
         grpc.StatusCode.FAILED_PRECONDITION
     )
-    assert read_as(volume.target / "password") == b"hunter2"
+    assert read_as(volume.target / "password", pod=volume.pod_uid) == b"hunter2"
     kubelet.unpublish(volume)
 
 
@@ -153,7 +153,7 @@ def test_a_second_driver_on_a_live_socket_refuses_to_start_and_disturbs_nothing(
     out = subprocess.run(second.command(), capture_output=True, text=True, timeout=60)
 
     assert out.returncode == 2 and "another driver is serving" in out.stderr
-    assert read_as(volume.target / "password") == b"hunter2"
+    assert read_as(volume.target / "password", pod=volume.pod_uid) == b"hunter2"
     assert new_driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value
     kubelet.unpublish(volume)
 
