@@ -188,7 +188,7 @@ def _check_capability(request: csi_pb2.NodePublishVolumeRequest) -> int | None:
 
 
 def _check_mode(value: object, what: str) -> int:
-    """A mode with read bits only: an octal string ("0440") or, in items, a number."""
+    """A mode with read bits only: an octal string ("0440") or a number."""
     if isinstance(value, str) and _OCTAL.fullmatch(value):
         mode = int(value, 8)
     elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
@@ -225,7 +225,12 @@ def _check_items(text: str) -> tuple[Item, ...]:
         if not isinstance(path, str):
             raise _invalid(f"{where}.path must be a string")
         _check_item_path(path, where)
-        mode = _check_mode(entry["mode"], f"{where}.mode") if "mode" in entry else None
+        mode = None
+        if "mode" in entry:
+            # As in a KeyToPath: a number (JSON has no octal; 256 is 0400).
+            if not isinstance(entry["mode"], int) or isinstance(entry["mode"], bool):
+                raise _invalid(f"{where}.mode must be a number, such as 256 for 0400")
+            mode = _check_mode(entry["mode"], f"{where}.mode")
         items.append(Item(key, path, mode))
     _check_no_collisions(items)
     return tuple(items)

@@ -14,7 +14,7 @@ import pytest
 
 from secretfs.fs.buffer import SecretBuffer
 from secretfs.fs.filesystem import SecretFS
-from secretfs.fs.tree import Layout
+from secretfs.fs.tree import Layout, Owner
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -271,3 +271,47 @@ def test_a_failed_add_wipes_the_buffers_it_was_given(fs: SecretFS) -> None:
         fs.add_volume("vol", {"k": buffer}, Layout())
 
     assert buffer.wiped
+
+
+class _Binding:
+    """A stand-in for PodBinding: pid 100 is in pod p1, every other pid in none."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, str]] = []
+
+    def allows(self, pid: int, uid: int, pod: str, volume: str) -> bool:
+        self.asked.append((pid, pod))
+        return pid == 100 and pod == "p1"
+
+
+class _Ctx:
+    def __init__(self, pid: int, uid: int = 0) -> None:
+        self.pid, self.uid = pid, uid
+
+
+def test_a_bound_volume_opens_only_for_its_pods_processes() -> None:
+    binding = _Binding()
+    fs = SecretFS(binding)  # type: ignore[arg-type]
+    fs.add_volume("v", {"k": SecretBuffer.from_bytes(b"x")}, Layout(owner=Owner("p1", "vol-1")))
+    inode = inode_of(fs, "v", "k")
+
+    assert run(fs.open(inode, os.O_RDONLY, _Ctx(100))).fh > 0
+    assert errno_of(fs.open(inode, os.O_RDONLY, _Ctx(200))) == errno.EACCES
+    assert errno_of(fs.open(inode, os.O_RDONLY, _Ctx(0))) == errno.EACCES
+    assert binding.asked == [(100, "p1"), (200, "p1"), (0, "p1")]
+
+
+def test_modes_come_from_the_layout_per_path() -> None:
+    fs = SecretFS()
+    layout = Layout(file_mode=0o440, dir_mode=0o550, gid=1234, modes={"d/k": 0o400})
+    fs.add_volume(
+        "v", {"d/k": SecretBuffer.from_bytes(b"x"), "j": SecretBuffer.from_bytes(b"y")}, layout
+    )
+
+    nested = run(fs.getattr(inode_of(fs, "v", "d", "k"), None))
+    plain = run(fs.getattr(inode_of(fs, "v", "j"), None))
+    directory = run(fs.getattr(inode_of(fs, "v", "d"), None))
+
+    assert stat.S_IMODE(nested.st_mode) == 0o400 and stat.S_IMODE(plain.st_mode) == 0o440
+    assert stat.S_IMODE(directory.st_mode) == 0o550
+    assert (plain.st_uid, plain.st_gid, directory.st_gid) == (0, 1234, 1234)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from secretfs.csi.errors import CsiError
 from secretfs.csi.pb import csi_pb2
-from secretfs.csi.validation import check_publish, check_target_path
+from secretfs.csi.validation import Item, check_publish, check_target_path, pod_token
 
 PODS = "/var/lib/kubelet/pods"
 TARGET = f"{PODS}/1234/volumes/kubernetes.io~csi/secrets/mount"
@@ -68,7 +69,51 @@ INVALID: dict[str, Callable[[], csi_pb2.NodePublishVolumeRequest]] = {
     "namespace attribute": lambda: request(context={"namespace": "kube-system"}),
     "secretNamespace attribute": lambda: request(context={"secretNamespace": "kube-system"}),
     "misspelt attribute": lambda: request(context={"secretname": "db"}),
+    "items not JSON": lambda: items("[{"),
+    "items not a list": lambda: items('{"key": "a", "path": "a"}'),
+    "item not an object": lambda: items('["a"]'),
+    "item with an unknown field": lambda: items('[{"key": "a", "path": "a", "x": 1}]'),
+    "item without a path": lambda: items('[{"key": "a"}]'),
+    "item key invalid": lambda: items('[{"key": "a/b", "path": "a"}]'),
+    "item path absolute": lambda: items('[{"key": "a", "path": "/etc/passwd"}]'),
+    "item path empty": lambda: items('[{"key": "a", "path": ""}]'),
+    "item path with ..": lambda: items('[{"key": "a", "path": "../../etc"}]'),
+    "item path with .. inside": lambda: items('[{"key": "a", "path": "x/../y"}]'),
+    "item path with an empty segment": lambda: items('[{"key": "a", "path": "x//y"}]'),
+    "item path with a trailing slash": lambda: items('[{"key": "a", "path": "x/"}]'),
+    "item path with a dot segment": lambda: items('[{"key": "a", "path": "./x"}]'),
+    "item path over 4096 bytes": lambda: item_at("/".join(["d" * 200] * 21)),
+    "item path segment over 255": lambda: item_at("x" * 256),
+    "item path with a newline": lambda: items('[{"key": "a", "path": "x\\ny"}]'),
+    "items collide": lambda: items('[{"key": "a", "path": "x"}, {"key": "b", "path": "x"}]'),
+    "item under another file": lambda: items(
+        '[{"key": "a", "path": "x"}, {"key": "b", "path": "x/y"}]'
+    ),
+    "item mode with write": lambda: items('[{"key": "a", "path": "x", "mode": 420}]'),
+    "item mode with exec": lambda: items('[{"key": "a", "path": "x", "mode": 365}]'),
+    "item mode a string": lambda: items('[{"key": "a", "path": "x", "mode": "0400"}]'),
+    "item mode a boolean": lambda: items('[{"key": "a", "path": "x", "mode": true}]'),
+    "fileMode with write": lambda: request(context={"fileMode": "0644"}),
+    "fileMode setuid": lambda: request(context={"fileMode": "4444"}),
+    "fileMode not octal": lambda: request(context={"fileMode": "0999"}),
+    "optional not a boolean": lambda: request(context={"optional": "yes"}),
+    "mount group not numeric": lambda: request(volume_capability=mount(group="wheel")),
+    "mount group negative": lambda: request(volume_capability=mount(group="-1")),
 }
+
+
+def items(text: str) -> csi_pb2.NodePublishVolumeRequest:
+    return request(context={"items": text})
+
+
+def item_at(path: str) -> csi_pb2.NodePublishVolumeRequest:
+    return items(json.dumps([{"key": "a", "path": path}]))
+
+
+def mount(group: str = "") -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(volume_mount_group=group)
+    )
 
 
 @pytest.mark.parametrize("case", INVALID, ids=list(INVALID))
@@ -84,7 +129,7 @@ def test_an_unknown_attribute_error_names_it_and_lists_the_valid_ones() -> None:
         check_publish(request(context={"secretname": "top-secret-value"}), PODS)
 
     assert "secretname" in failure.value.message
-    assert "valid attributes: secretName" in failure.value.message
+    assert "valid attributes: secretName, items, fileMode, optional" in failure.value.message
     assert "top-secret-value" not in failure.value.message
 
 
@@ -108,3 +153,57 @@ def test_any_access_mode_is_accepted_since_the_volume_is_always_read_only() -> N
 
 def test_a_pods_dir_with_a_trailing_slash_is_the_same_rule() -> None:
     assert check_target_path(TARGET, PODS + "/") == TARGET
+
+
+def test_items_modes_and_options_are_read_as_the_kubelets_secret_volume_reads_them() -> None:
+    spec = check_publish(
+        request(
+            context={
+                "items": '[{"key": "tls.crt", "path": "certs/tls.crt"},'
+                ' {"key": "tls.key", "path": "certs/private/tls.key", "mode": 256},'
+                ' {"key": "tls.crt", "path": "copy.crt"}]',
+                "fileMode": "0440",
+                "optional": "true",
+            },
+            volume_capability=mount(group="1234"),
+        ),
+        PODS,
+    )
+
+    assert spec.items == (
+        Item("tls.crt", "certs/tls.crt"),
+        Item("tls.key", "certs/private/tls.key", 0o400),
+        Item("tls.crt", "copy.crt"),
+    )
+    assert (spec.file_mode, spec.optional, spec.mount_group) == (0o440, True, 1234)
+
+
+TOKENS = {"": {"token": "eyJ.pod.token", "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+
+
+def test_the_pods_token_becomes_a_bearer_authorization() -> None:
+    token = pod_token(json.dumps(TOKENS), "")
+
+    assert bytes(token.view()) == b"Bearer eyJ.pod.token"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "audience", "words"),
+    [
+        (None, "", "tokenRequests"),
+        ("", "", "tokenRequests"),
+        ("not json", "", "no token for audience"),
+        (json.dumps(TOKENS), "vault", "no token for audience 'vault'"),
+        (json.dumps({"": {"expirationTimestamp": "x"}}), "", "no token for audience"),
+    ],
+    ids=["absent", "empty", "not JSON", "other audience", "no token field"],
+)
+def test_without_a_usable_token_publish_is_invalid_and_names_the_csidriver_setting(
+    tokens: str | None, audience: str, words: str
+) -> None:
+    with pytest.raises(CsiError) as failure:
+        pod_token(tokens, audience)
+
+    assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in failure.value.message
+    assert "eyJ" not in failure.value.message
