@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import make_workdir, remove_workdir
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, mounts_below
+from tests.harness import Driver, Kubelet, mounts_below, pod_cgroup, remove_test_cgroups
 
 NAMESPACE = "shop"
 SAMPLE = {
@@ -32,12 +32,20 @@ def step(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m", flush=True)
 
 
-def show(command: list[str], as_nobody: bool = False) -> None:
-    """Run `command` (as the unprivileged user nobody if asked) and print it with its output."""
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
-    who = "nobody$" if as_nobody else "root#"
-    print(f"{who} {shlex.join(command)}", flush=True)
-    out = subprocess.run(prefix + command, capture_output=True, text=True, check=False)
+def show(command: list[str], as_nobody: bool = False, pod: str | None = None) -> None:
+    """Run `command` and print it with its output: as root on the host, or as the
+    unprivileged user nobody, inside pod `pod`'s cgroup when one is given."""
+    if as_nobody:
+        command_line = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    else:
+        command_line = list(command)
+    if pod is not None:
+        procs = pod_cgroup(pod) / "cgroup.procs"
+        command_line = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *command_line]
+    who = "nobody" if as_nobody else "root"
+    where = "in the pod" if pod else "on the host"
+    print(f"{who} {where}$ {shlex.join(command)}", flush=True)
+    out = subprocess.run(command_line, capture_output=True, text=True, check=False)
     sys.stdout.write(out.stdout + out.stderr)
     if out.returncode:
         print(f"(exit status {out.returncode})")
@@ -51,12 +59,19 @@ def main() -> int:
     api = FakeKubeAPI(workdir / "api").start()
     driver: Driver | None = None
     try:
-        step("A stand-in Kubernetes API with a Secret, and a driver allowed to read it")
-        token = api.add_user("system:serviceaccount:secretfs:secretfs-node")
-        api.grant("system:serviceaccount:secretfs:secretfs-node", NAMESPACE, "get")
+        step("A stand-in Kubernetes API with a Secret that one pod's account may read")
+        account = f"system:serviceaccount:{NAMESPACE}:app"
+        pod_token = api.add_user(account)
+        api.grant(account, NAMESPACE, "get", "db")  # a Role with resourceNames: [db]
+        driver_token = api.add_user("system:serviceaccount:secretfs:secretfs-node")  # no grants
         api.set_secret(NAMESPACE, "db", SAMPLE)
         print(f"API server {api.url}: secret {NAMESPACE}/db with keys {', '.join(SAMPLE)}")
-        driver = Driver(workdir, api.write_kubeconfig(workdir / "kubeconfig", token))
+        print(f"RBAC: only {account} may get it; the driver's own account may read nothing")
+        driver = Driver(
+            workdir,
+            api.write_kubeconfig(workdir / "kubeconfig", driver_token),
+            tokens=lambda namespace, name: pod_token,
+        )
         driver.start()
         print("driver:", shlex.join(driver.command()[2:]))
 
@@ -65,16 +80,22 @@ def main() -> int:
         volume = kubelet.volume("db")
         kubelet.publish(volume)
         print(f"volume_id   {volume.volume_id}\ntarget_path {volume.target}")
+        print("read with the pod's own service-account token (from the kubelet's tokenRequests)")
         show(["findmnt", "-no", "FSTYPE,OPTIONS", str(volume.target)])
 
-        step("The pod's view: an unprivileged user lists and reads the files")
-        show(["ls", "-l", str(volume.target)], as_nobody=True)
+        step("The pod's view: its unprivileged process lists and reads the files")
+        show(["ls", "-l", str(volume.target)], as_nobody=True, pod=volume.pod_uid)
+        show(["cat", str(volume.target / "password")], as_nobody=True, pod=volume.pod_uid)
+
+        step("Anyone outside the pod is refused, host root included")
+        show(["cat", str(volume.target / "password")])
         show(["cat", str(volume.target / "password")], as_nobody=True)
 
         step("Writes are refused: read-only file system, even for root")
         show(
             ["sh", "-c", f"echo stolen > {shlex.quote(str(volume.target / 'password'))}"],
             as_nobody=True,
+            pod=volume.pod_uid,
         )
         show(["touch", str(volume.target / "new-file")])
         show(["rm", "-f", str(volume.target / "password")])
@@ -93,6 +114,7 @@ def main() -> int:
             driver.close()
         api.stop()
         remove_workdir(workdir)
+        remove_test_cgroups()
 
 
 if __name__ == "__main__":
