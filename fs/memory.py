@@ -56,6 +56,7 @@ def wiping_environment(environ: dict[str, str]) -> dict[str, str] | None:
         return None
     env = dict(environ)
     env["PYTHONMALLOC"] = "malloc"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the driver writes nothing to disk, caches included
     env["GLIBC_TUNABLES"] = f"{tunables}:{WIPING_TUNABLES}" if tunables else WIPING_TUNABLES
     return env
 
