@@ -235,8 +235,17 @@ def test_freed_memory_is_wiped_by_the_allocator(driver: Driver) -> None:
 
 
 def test_nothing_is_written_to_disk_and_no_file_holds_the_secret(
-    kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
+    new_driver: Driver, api: FakeKubeAPI
 ) -> None:
+    # The one thing publish must write is the empty target directory, in the
+    # kubelet's folder: kept on tmpfs here so that write_bytes counts only
+    # what the driver itself would write to a disk.
+    new_driver.kubelet_dir.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(new_driver.kubelet_dir)], check=True
+    )
+    driver = new_driver.start()
+    kubelet = Kubelet(driver)
     assert driver.process is not None
     value = marker()
     api.set_secret("default", "disk", {"k": value})
