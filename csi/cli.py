@@ -10,9 +10,13 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from secretfs.csi import __version__, logs
 from secretfs.fs import memory
+
+if TYPE_CHECKING:
+    from secretfs.fs.session import FuseSession
 
 log = logging.getLogger("secretfs")
 
@@ -101,6 +105,17 @@ def parser() -> argparse.ArgumentParser:
         "memlock limit); secrets may then be written to swap",
     )
     serve.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at /metrics on this address (default: off)",
+    )
+    serve.add_argument(
+        "--health-address",
+        metavar="HOST:PORT",
+        help="serve /healthz (FUSE and gRPC answer) and /readyz (and not shutting down) "
+        "on this address (default: off); may equal --metrics-address",
+    )
+    serve.add_argument(
         "--log-format",
         choices=["text", "json"],
         default="text",
@@ -163,13 +178,14 @@ def prepare_state_dir(path: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from secretfs.csi import mounts
+    from secretfs.csi import metrics, mounts
     from secretfs.csi.identity import IdentityService
     from secretfs.csi.kube import SecretReader, connect
     from secretfs.csi.node import Auth, NodeService
     from secretfs.csi.server import claim_socket
     from secretfs.csi.server import serve as serve_grpc
     from secretfs.fs.binding import PodBinding
+    from secretfs.fs.buffer import live_bytes
     from secretfs.fs.filesystem import SecretFS
     from secretfs.fs.session import FuseSession
 
@@ -208,7 +224,8 @@ def serve(args: argparse.Namespace) -> int:
     auth = Auth(args.auth_mode, args.token_audience, pod_binding=binding is not None)
     node = NodeService(args.node_id, os.path.abspath(args.kubelet_dir), session, reader, auth)
     identity = IdentityService(
-        args.driver_name, lambda: session.alive and mounts.is_mountpoint(state_dir)
+        args.driver_name,
+        lambda: session.alive and mounts.is_mountpoint(state_dir) and session.responsive(),
     )
     stop = threading.Event()
 
@@ -223,6 +240,19 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         session.stop()
         raise StartupError(str(exc)) from None
+    metrics.watch(
+        node.published_count,
+        live_bytes,
+        (lambda: binding.refusals) if binding is not None else (lambda: 0),
+    )
+    checks = HealthChecks(session, args.endpoint, stop)
+    for address in dict.fromkeys(a for a in (args.metrics_address, args.health_address) if a):
+        try:
+            metrics.serve_http(address, checks.healthy, checks.ready)
+        except (OSError, ValueError) as exc:
+            server.stop(grace=0)
+            session.stop()
+            raise StartupError(f"cannot serve HTTP on {address}: {exc}") from None
     log.info(
         "secretfs %s ready: driver %s on node %s, auth mode %s, pod binding %s",
         __version__,
@@ -244,6 +274,38 @@ def serve(args: argparse.Namespace) -> int:
     _remove_socket(args.endpoint)
     log.info("stopped with %d volumes still published", node.published_count())
     return 1 if fuse_died else 0
+
+
+class HealthChecks:
+    """What /healthz and /readyz report: the driver's own view, end to end."""
+
+    def __init__(self, session: FuseSession, endpoint: str, stopping: threading.Event) -> None:
+        self._session = session
+        self._endpoint = endpoint
+        self._stopping = stopping
+
+    def healthy(self) -> tuple[bool, str]:
+        import grpc
+
+        from secretfs.csi.pb import csi_pb2, csi_pb2_grpc
+
+        if not self._session.alive:
+            return False, "the FUSE session has ended"
+        if not self._session.responsive():
+            return False, "the FUSE session does not answer"
+        try:
+            with grpc.insecure_channel(self._endpoint) as channel:
+                reply = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=3)
+        except grpc.RpcError as exc:
+            return False, f"the CSI server does not answer Probe ({exc.code().name})"
+        if not reply.ready.value:
+            return False, "Probe answers not ready"
+        return True, "FUSE and the CSI server answer"
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stopping.is_set():
+            return False, "shutting down"
+        return self.healthy()
 
 
 def _remove_socket(endpoint: str) -> None:

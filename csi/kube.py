@@ -29,7 +29,7 @@ import grpc
 
 from secretfs.fs.buffer import SecretBuffer, scrub_bytes, scrub_str
 
-from . import __version__
+from . import __version__, metrics
 from .https import HttpError, HttpsClient, Response, server_from_url, tls_context
 
 log = logging.getLogger(__name__)
@@ -152,12 +152,14 @@ class SecretReader:
         try:
             response = self._client.get(path, authorization or own, min(REQUEST_TIMEOUT, remaining))
         except HttpError as exc:
+            metrics.API_ERRORS.labels(metrics.api_error_kind(0)).inc()
             raise _Transient(str(exc)) from None
         finally:
             if own is not None:
                 own.wipe()
         if 200 <= response.status < 300:
             return response
+        metrics.API_ERRORS.labels(metrics.api_error_kind(response.status)).inc()
         try:
             message = _status_message(response)
         finally:

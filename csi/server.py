@@ -15,6 +15,7 @@ import grpc
 
 from secretfs.fs.buffer import scrub_bytes
 
+from . import metrics
 from .errors import CsiError
 from .identity import IdentityService
 from .node import NodeService
@@ -126,6 +127,8 @@ def _scrubbing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 def _log_call(
     method: str, request: Any, code: grpc.StatusCode, message: str, seconds: float
 ) -> None:
+    metrics.CALLS.labels(method, code.name).inc()
+    metrics.CALL_SECONDS.labels(method).observe(seconds)
     fields = call_fields(request)
     fields.update(method=method, code=code.name, duration_ms=f"{seconds * 1000:.1f}")
     if message:

@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,22 @@ PAGE_SIZE = mmap.PAGESIZE
 # and the trailing NUL byte that CPython keeps after every payload.
 _BYTES_HEADER = sys.getsizeof(b"") - 1
 _ASCII_HEADER = sys.getsizeof("") - 1
+
+
+# Bytes held by live buffers, for the driver's metrics.
+_live_bytes = 0
+_live_lock = threading.Lock()
+
+
+def live_bytes() -> int:
+    """Bytes held by buffers not yet wiped (values, tokens, responses in flight)."""
+    return _live_bytes
+
+
+def _count(delta: int) -> None:
+    global _live_bytes
+    with _live_lock:
+        _live_bytes += delta
 
 
 class WipedBufferError(RuntimeError):
@@ -67,6 +84,7 @@ class SecretBuffer:
             )
             self._map.madvise(mmap.MADV_DONTDUMP)
             self._locked = _lock(self._map)
+            _count(size)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> SecretBuffer:
@@ -130,6 +148,7 @@ class SecretBuffer:
         mapping, self._map = self._map, None
         if mapping is None:
             return
+        _count(-self._size)
         mapping[:] = bytes(len(mapping))
         if self._locked:
             _unlock(mapping)

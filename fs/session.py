@@ -13,8 +13,10 @@ FUSE thread can never interleave with a request being served.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -42,6 +44,9 @@ class FuseSession:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fuse", daemon=True)
+        self._prober = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fuse-probe")
+        self._probe: concurrent.futures.Future[bool] | None = None
+        self._probe_lock = threading.Lock()
 
     def start(self, timeout: float = 10.0) -> None:
         """Mount and start serving; raises what the mount raised."""
@@ -54,6 +59,22 @@ class FuseSession:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self._token is not None
+
+    def responsive(self, timeout: float = 2.0) -> bool:
+        """True if the mount answers a lookup within `timeout`.
+
+        The lookup is of a name that never exists, so the kernel cannot answer
+        from its cache: the FUSE thread must. It runs on a prober thread of
+        its own; while an earlier probe still hangs, no new one is started.
+        """
+        with self._probe_lock:
+            if self._probe is None or self._probe.done():
+                self._probe = self._prober.submit(_lookup_nothing, self.mountpoint)
+            probe = self._probe
+        try:
+            return probe.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` on the FUSE thread and return its result."""
@@ -130,6 +151,16 @@ class FuseSession:
             self.fs.remove_all()
             pyfuse3.close(unmount=True)
             log.info("FUSE filesystem unmounted from %s", self.mountpoint)
+
+
+def _lookup_nothing(mountpoint: str) -> bool:
+    try:
+        os.stat(os.path.join(mountpoint, ".secretfs-probe"))
+    except FileNotFoundError:
+        return True  # answered
+    except OSError:
+        return False  # ENOTCONN and friends: the session is gone
+    return True
 
 
 def _forget(invalidate: Callable[..., None], *args: object) -> None:
