@@ -7,13 +7,18 @@ PIP    := $(VENV)/bin/pip
 SOURCES := csi fs tests scripts setup.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openssl util-linux
 
-.PHONY: demo test lint deps system-deps install clean
+.PHONY: demo test e2e lint deps system-deps install clean
 
 demo: install
 	$(PY) scripts/demo.py
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# Needs docker (with a running daemon), kind and kubectl; skips, saying
+# which is missing, anywhere else.
+e2e: install
+	$(PY) -m pytest -q -rs tests/e2e
 
 lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
