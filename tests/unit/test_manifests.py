@@ -63,7 +63,9 @@ def test_the_daemonset_runs_everywhere_with_fuse_mounts_memory_locking_and_host_
     assert mounts["/var/lib/kubelet/pods"]["mountPropagation"] == "Bidirectional"
     assert "/dev/fuse" in mounts and "/csi" in mounts
     assert {"requests", "limits"} <= driver["resources"].keys()
-    assert "livenessProbe" in driver
+    assert driver["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert driver["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "--metrics-address=:9090" in driver["args"]
     assert "--auth-mode=pod" in driver["args"]
     assert daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
     sidecars = {c["name"] for c in pod["containers"]} - {"secretfs"}
