@@ -4,10 +4,10 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-SOURCES := csi fs tests scripts setup.py
+SOURCES := csi fs tests scripts bench setup.py
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openssl util-linux
 
-.PHONY: demo test e2e lint deps system-deps install clean
+.PHONY: demo test e2e bench lint deps system-deps install clean
 
 demo: install
 	$(PY) scripts/demo.py
@@ -19,6 +19,10 @@ test: lint
 # which is missing, anywhere else.
 e2e: install
 	$(PY) -m pytest -q -rs tests/e2e
+
+# Not part of the tests: prints a table and writes bench/results.json.
+bench: install
+	$(PY) bench/run.py
 
 lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
