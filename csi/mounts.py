@@ -61,15 +61,27 @@ class MountInfo:
     options: frozenset[str]
 
 
+def _escape(path: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
 def _unescape(field: str) -> str:
     # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
     return _ESCAPE.sub(lambda match: chr(int(match[1], 8)), field)
 
 
-def mount_table(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+def mount_table(path: str = "/proc/self/mountinfo", at: str | None = None) -> list[MountInfo]:
+    """The mount table; only the mounts at mount point `at`, if given.
+
+    With thousands of volumes the table has thousands of lines: lines that
+    cannot name `at` are skipped before they are parsed.
+    """
     table = []
+    needle = f" {_escape(at)} " if at is not None else ""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
+            if needle not in line:
+                continue
             # Single spaces separate the fields; any other white space is a name's own.
             fields = line.rstrip("\n").split(" ")
             sep = fields.index("-")
@@ -88,7 +100,7 @@ def mount_table(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
 
 def mounts_at(path: str) -> list[MountInfo]:
     """Every mount stacked on `path`, bottom first."""
-    return [m for m in mount_table() if m.mountpoint == path]
+    return [m for m in mount_table(at=path) if m.mountpoint == path]
 
 
 def is_mountpoint(path: str) -> bool:
