@@ -187,7 +187,7 @@ def serve(args: argparse.Namespace) -> int:
     from secretfs.csi.node import Auth, NodeService
     from secretfs.csi.server import claim_socket
     from secretfs.csi.server import serve as serve_grpc
-    from secretfs.fs.binding import PodBinding
+    from secretfs.fs.binding import PodBinding, cgroup2_mount
     from secretfs.fs.buffer import live_bytes
     from secretfs.fs.filesystem import SecretFS
     from secretfs.fs.session import FuseSession
@@ -217,7 +217,7 @@ def serve(args: argparse.Namespace) -> int:
     # Resolved, because /proc/self/mountinfo names mounts by their real paths.
     state_dir = os.path.realpath(args.state_dir)
     prepare_state_dir(state_dir)
-    binding = PodBinding() if args.pod_binding == "on" else None
+    binding = PodBinding(cgroup_mount=cgroup2_mount()) if args.pod_binding == "on" else None
     session = FuseSession(SecretFS(binding), state_dir)
     try:
         session.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -105,6 +106,12 @@ class _Connection:
             raise
         self.reused = False
 
+    def readable(self) -> bool:
+        if self.sock.pending():
+            return True
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return bool(ready)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -157,6 +164,8 @@ class HttpsClient:
         ).encode()
         parts: list[bytes | memoryview] = [head]
         if authorization is not None:
+            if any(byte < 0x20 or byte == 0x7F for byte in authorization.view()):
+                raise ValueError("an Authorization value must not hold control characters")
             parts += [b"Authorization: ", authorization.view(), b"\r\n"]
         parts.append(b"\r\n")
         request = SecretBuffer(sum(len(part) for part in parts))
@@ -167,11 +176,18 @@ class HttpsClient:
         return request
 
     def _connection(self, deadline: float) -> _Connection:
-        with self._lock:
-            if self._idle:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
                 connection = self._idle.pop()
+            # An idle connection has nothing to say. If it is readable, the
+            # server closed it, or sent bytes no request asked for: either
+            # way it must not carry the next request.
+            if not connection.readable():
                 connection.reused = True
                 return connection
+            connection.close()
         try:
             return _Connection(self._server, max(0.05, deadline - time.monotonic()))
         except (OSError, ssl.SSLError) as exc:
@@ -206,7 +222,10 @@ def _exchange(
     except BaseException:
         reader.buffer.wipe()
         raise
-    keep = headers.get("connection", "").lower() != "close"
+    # Bytes beyond this response would be read as the answer to the next
+    # request on the connection: such a connection is never reused.
+    clean = reader.filled == reader.consumed and connection.sock.pending() == 0
+    keep = clean and headers.get("connection", "").lower() != "close"
     return Response(status, reader.buffer, body_start, end), keep
 
 
@@ -218,6 +237,7 @@ class _Reader:
         self.deadline = deadline
         self.buffer = SecretBuffer(FIRST_READ)
         self.filled = 0
+        self.consumed = 0  # where the response ends in what was received
 
     def _receive(self) -> None:
         if self.filled == len(self.buffer):
@@ -264,6 +284,7 @@ class _Reader:
             self._grow(max(end, 2 * len(self.buffer)))
         while self.filled < end:
             self._receive()
+        self.consumed = end
         return end
 
     def dechunk(self, start: int) -> int:

@@ -42,6 +42,9 @@ MAX_LOGGED = 256
 # closes. The kubelet closes its connection after every call; a client that
 # keeps one open is disconnected after this much idle time.
 IDLE_CONNECTION_MS = 5000
+# ...and one that stays busy is asked to reconnect after this long, its calls
+# in flight given as long again to finish.
+MAX_CONNECTION_AGE_MS = 30_000
 
 
 def socket_path(endpoint: str) -> str:
@@ -170,7 +173,11 @@ def serve(endpoint: str, identity: IdentityService, node: NodeService) -> grpc.S
     server = grpc.server(
         ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
         interceptors=[CallLog()],
-        options=[("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS)],
+        options=[
+            ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_MS),
+        ],
     )
     csi_pb2_grpc.add_IdentityServicer_to_server(identity, server)
     csi_pb2_grpc.add_NodeServicer_to_server(node, server)

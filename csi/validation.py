@@ -45,6 +45,8 @@ USER_ATTRIBUTES = (SECRET_NAME, ITEMS, FILE_MODE, OPTIONAL)
 MAX_VOLUME_ID = 128
 PATH_MAX = 4096
 NAME_MAX = 255
+MAX_DEPTH = 64  # folders in an item path; deeper is a mistake or an attack
+MAX_ITEMS_TEXT = 256 * 1024
 
 # Modes may only grant reading: the volume is read-only whatever they say,
 # and execute or set-id bits have no business on a secret.
@@ -55,8 +57,11 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _OCTAL = re.compile(r"0?[0-7]{1,3}")
+_GROUP = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() also takes "١٢٣"
 
 BEARER = b"Bearer "
+# Bearer tokens (JWTs and the like) are visible ASCII and nothing else.
+_TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +187,7 @@ def _check_capability(request: csi_pb2.NodePublishVolumeRequest) -> int | None:
     group = capability.mount.volume_mount_group
     if not group:
         return None
-    if not group.isdigit() or int(group) > 0xFFFFFFFE:
+    if not _GROUP.fullmatch(group) or int(group) > 0xFFFFFFFE:
         raise _invalid("volume_mount_group must be a numeric group id")
     return int(group)
 
@@ -208,9 +213,11 @@ def _check_optional(value: str) -> bool:
 
 def _check_items(text: str) -> tuple[Item, ...]:
     """Parse and check `items`: a JSON list of {key, path, mode} objects."""
+    if len(text) > MAX_ITEMS_TEXT:
+        raise _invalid(f"volume attribute {ITEMS} is longer than {MAX_ITEMS_TEXT} characters")
     try:
         entries = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _invalid(f"volume attribute {ITEMS} is not JSON") from None
     if not isinstance(entries, list):
         raise _invalid(f"volume attribute {ITEMS} must be a JSON list of {{key, path, mode}}")
@@ -239,13 +246,19 @@ def _check_items(text: str) -> tuple[Item, ...]:
 def _check_item_path(path: str, where: str) -> None:
     if not path:
         raise _invalid(f"{where}.path is empty")
-    if len(path.encode()) > PATH_MAX or _CONTROL.search(path):
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:
+        raise _invalid(f"{where}.path is not valid UTF-8") from None
+    if size > PATH_MAX or _CONTROL.search(path):
         raise _invalid(f"{where}.path must be at most {PATH_MAX} bytes without control characters")
     if path.startswith("/"):
         raise _invalid(f"{where}.path must be relative")
     parts = path.split("/")
-    if ".." in parts or "" in parts or os.path.normpath(path) != path:
-        raise _invalid(f"{where}.path must be normalised, without '..' or empty segments")
+    if {".", "..", ""} & set(parts) or os.path.normpath(path) != path:
+        raise _invalid(f"{where}.path must be normalised, without '.', '..' or empty segments")
+    if len(parts) > MAX_DEPTH:
+        raise _invalid(f"{where}.path is more than {MAX_DEPTH} folders deep")
     if any(len(part.encode()) > NAME_MAX for part in parts):
         raise _invalid(f"{where}.path has a segment longer than {NAME_MAX} bytes")
 
@@ -295,6 +308,9 @@ def pod_token(tokens: str | None, audience: str) -> SecretBuffer:
                 f"{SA_TOKENS} has no token for audience {audience!r}: the CSIDriver's "
                 "tokenRequests must list that audience"
             )
+        if not _TOKEN.fullmatch(token):
+            # A line break would smuggle a second request into the HTTP stream.
+            raise _invalid(f"{SA_TOKENS} holds a token with characters a token never has")
         raw = token.encode()
         value = SecretBuffer(len(BEARER) + len(raw))
         view = value.writable()

@@ -8,7 +8,8 @@ written in its cgroup path, which the kubelet's container runtime sets up:
                       kubepods-burstable-pod8a4f..._..._....slice/cri-containerd-<id>.scope
 
 Both forms are recognised, on cgroup v1 (one line per hierarchy) and v2
-(a single `0::` line). A caller whose hierarchies disagree, or whose pid the
+(a single `0::` line); see `pod_of_path` for what a path must look like to
+count. A caller whose hierarchies disagree, or whose pid the
 driver cannot see (pid 0: it lives in a pid namespace the driver is not an
 ancestor of, as when the DaemonSet lacks hostPID), belongs to no pod.
 
@@ -21,31 +22,101 @@ by the file's text, which repeats for every process of a container.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_UUID_UNDERSCORED = r"[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12}"
+# A pod's own cgroup, as one whole path component, in the cgroupfs form
+# (`pod<uid>`) or the systemd form (`kubepods-<qos>-pod<uid_with_underscores>.slice`,
+# with a prefix such as `kubelet-` when the kubelet's cgroup root is nested).
+_POD_COMPONENT = re.compile(
+    rf"pod(?P<plain>{_UUID})"
+    rf"|(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)*-pod(?P<slice>{_UUID_UNDERSCORED})\.slice"
+)
 
 # Entries kept before a cache starts over.
 CACHE_LIMIT = 4096
 
 
-def pod_of_cgroups(text: str) -> str | None:
-    """The pod uid named by the contents of a /proc/PID/cgroup file, if exactly one."""
+def pod_of_path(path: str, owned_by_root: Callable[[str], bool] | None = None) -> str | None:
+    """The pod whose cgroup `path` lies in, or None.
+
+    The first component naming a pod decides, so cgroups a pod nests inside
+    its own cannot claim another pod. It must lie below a kubepods cgroup (or
+    below the edge of the reader's cgroup namespace, shown as `..`), so that
+    a cgroup delegated to a user cannot pass for a pod just by its name. When
+    the path can be resolved, `owned_by_root` is asked about the pod's
+    directory too: users create cgroups they own, the kubelet's are root's.
+    """
+    parts = path.split("/")
+    for index, part in enumerate(parts):
+        match = _POD_COMPONENT.fullmatch(part)
+        if match is None:
+            continue
+        above = [p for p in parts[:index] if p]
+        if not (
+            part.startswith("kubepods")
+            or any("kubepods" in p for p in above)
+            or all(p == ".." for p in above)
+        ):
+            return None
+        pod_path = "/".join(parts[: index + 1])
+        if owned_by_root is not None and ".." not in above and not owned_by_root(pod_path):
+            return None
+        return match["plain"] or match["slice"].replace("_", "-")
+    return None
+
+
+def pod_of_cgroups(text: str, owned_by_root: Callable[[str], bool] | None = None) -> str | None:
+    """The pod uid named by the contents of a /proc/PID/cgroup file, if exactly one.
+
+    Ownership is checked on the unified (v2) line only, the one whose
+    hierarchy `owned_by_root` resolves paths in.
+    """
     pods = set()
     for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        found = _POD.findall(path)
-        if found:
-            pods.add(found[-1].replace("_", "-"))
+        hierarchy, _, path = line.partition(":")
+        _, _, path = path.partition(":")
+        pods.add(pod_of_path(path, owned_by_root if hierarchy == "0" else None))
+    pods.discard(None)
     return pods.pop() if len(pods) == 1 else None
 
 
+def cgroup2_mount(mounts: str = "/proc/self/mounts") -> str | None:
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split(" ")
+                if fields[2] == "cgroup2":
+                    return fields[1]
+    except OSError:
+        pass
+    return None
+
+
+def root_owned_in(mount: str | None) -> Callable[[str], bool] | None:
+    """A check that a cgroup path (under `mount`) is a directory owned by root."""
+    if mount is None:
+        return None
+
+    def owned_by_root(path: str) -> bool:
+        try:
+            return os.stat(mount + path).st_uid == 0
+        except OSError:
+            return False
+
+    return owned_by_root
+
+
 class PodBinding:
-    def __init__(self, proc: str = "/proc") -> None:
+    def __init__(self, proc: str = "/proc", cgroup_mount: str | None = None) -> None:
         self._proc = proc
+        self._owned_by_root = root_owned_in(cgroup_mount)
         self._pods: dict[str, str | None] = {}  # /proc/PID/cgroup text -> pod uid
         self._reported: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
@@ -70,7 +141,7 @@ class PodBinding:
         if text not in self._pods:
             if len(self._pods) >= CACHE_LIMIT:
                 self._pods.clear()
-            self._pods[text] = pod_of_cgroups(text)
+            self._pods[text] = pod_of_cgroups(text, self._owned_by_root)
         return self._pods[text]
 
     def _refuse(self, pid: int, uid: int, caller: str | None, volume: str) -> None:

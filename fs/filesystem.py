@@ -63,6 +63,7 @@ ROOT_TIMEOUT = 1.0
 class Rotation:
     """What `replace_volume` swapped out, for the kernel to forget and then `retire`."""
 
+    volume: str
     directory: int  # inode of the volume's top directory
     names: list[bytes]  # its entries before the swap
     replaced: list[Node]
@@ -134,6 +135,8 @@ class SecretFS(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self._root}
         self._files: dict[int, File] = {}  # open file handles
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # open directory handles
+        # Rotated-out files that handles still read, by volume: see `retire`.
+        self._lingering: dict[str, set[File]] = {}
 
     # ---- changes, made on the FUSE thread only ------------------------------
 
@@ -155,6 +158,9 @@ class SecretFS(pyfuse3.Operations):
     def remove_volume(self, name: str) -> bool:
         """Hide `/<name>` and wipe its buffers. False if there was no such volume."""
         top = self._root.entries.pop(name.encode(), None)
+        # Old versions still open since a rotation go with the volume.
+        for file in self._lingering.pop(name, ()):
+            file.buffer.wipe()
         if not isinstance(top, Directory):
             return False
         for node in walk(top):
@@ -187,7 +193,7 @@ class SecretFS(pyfuse3.Operations):
         for node in walk(fresh):
             if node is not fresh:
                 self._nodes[node.inode] = node
-        rotation = Rotation(top.inode, list(top.entries), old)
+        rotation = Rotation(name, top.inode, list(top.entries), old)
         top.entries, top.listing = fresh.entries, fresh.listing
         return rotation
 
@@ -199,6 +205,8 @@ class SecretFS(pyfuse3.Operations):
                 node.retired = True
                 if node.handles == 0:
                     node.buffer.wipe()
+                else:
+                    self._lingering.setdefault(rotation.volume, set()).add(node)
 
     def remove_all(self) -> int:
         names = [name.decode() for name in self._root.entries]
@@ -336,6 +344,8 @@ class SecretFS(pyfuse3.Operations):
         node.handles -= 1
         if node.retired and node.handles == 0:
             node.buffer.wipe()  # the last reader of a rotated-out version is gone
+            for lingering in self._lingering.values():
+                lingering.discard(node)
 
     def _new_fh(self) -> int:
         fh = self._next_fh

@@ -138,25 +138,28 @@ def build_tree(
 
 
 def walk(top: Directory) -> Iterator[Node]:
-    """Every node of a tree, `top` included."""
-    yield top
-    for child in top.entries.values():
-        if isinstance(child, Directory):
-            yield from walk(child)
-        else:
-            yield child
+    """Every node of a tree, `top` included; iterative, for trees of any depth."""
+    pending: list[Node] = [top]
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, Directory):
+            pending.extend(node.entries.values())
 
 
 def walk_dirs(top: Directory) -> Iterator[Directory]:
     return (node for node in walk(top) if isinstance(node, Directory))
 
 
-def files_by_path(top: Directory, prefix: bytes = b"") -> dict[bytes, File]:
+def files_by_path(top: Directory) -> dict[bytes, File]:
     """Every file below `top`, by its relative path."""
     found: dict[bytes, File] = {}
-    for name, child in top.entries.items():
-        if isinstance(child, Directory):
-            found.update(files_by_path(child, prefix + name + b"/"))
-        else:
-            found[prefix + name] = child
+    pending: list[tuple[bytes, Directory]] = [(b"", top)]
+    while pending:
+        prefix, directory = pending.pop()
+        for name, child in directory.entries.items():
+            if isinstance(child, Directory):
+                pending.append((prefix + name + b"/", child))
+            else:
+                found[prefix + name] = child
     return found

@@ -99,6 +99,7 @@ class Fault:
     status: int | None = None  # answer with this code and a Status body
     delay: float = 0.0  # wait this long first
     drop: bool = False  # close the connection without answering
+    trailing: bytes = b""  # extra bytes sent after the real answer
     times: int = 1
     path: str = ""
     method: str = ""
@@ -451,6 +452,8 @@ class _Handler(BaseHTTPRequestHandler):
         if result is not None:
             entry.status = 200 if method != "POST" else 201
             self._send(entry.status, result)
+        if fault is not None and fault.trailing:
+            self.wfile.write(fault.trailing)
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)

@@ -382,3 +382,24 @@ def test_reads_leave_no_page_in_the_page_cache(
     with in_pod(volume.pod_uid):
         assert cached_pages(volume.target / "k") == 0
     kubelet.unpublish(volume)
+
+
+def test_unpublish_wipes_a_rotated_out_value_even_while_a_reader_holds_it(
+    kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
+) -> None:
+    old, new = marker(), marker()
+    api.set_secret("default", "held", {"k": old})
+    volume = kubelet.volume("held")
+    kubelet.publish(volume)
+    with in_pod(volume.pod_uid):
+        reader = open(volume.target / "k", "rb")
+    api.set_secret("default", "held", {"k": new})
+    kubelet.publish(volume)
+
+    kubelet.unpublish(volume)
+
+    assert copies(driver, old) == (0, 0) and copies(driver, new) == (0, 0)
+    with pytest.raises(OSError) as failure:
+        reader.read()
+    assert failure.value.errno == errno.ESTALE
+    reader.close()

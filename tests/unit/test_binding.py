@@ -32,6 +32,18 @@ CGROUPS = {
     "host process": ("0::/system.slice/sshd.service\n", None),
     "root cgroup": ("0::/\n", None),
     "not a uuid": ("0::/kubepods/podnotauuid/c\n", None),
+    "a name that merely ends in pod<uid>": (f"0::/kubepods/mypod{UID}/c\n", None),
+    "a user's delegated cgroup named like a pod": (
+        f"0::/user.slice/user-65534.slice/user@65534.service/pod{UID}\n",
+        None,
+    ),
+    "a cgroup a pod nests in its own": (f"0::/kubepods/pod{OTHER}/ctr/pod{UID}\n", OTHER),
+    "seen from a private cgroup namespace": (f"0::/../../pod{UID}/ctr\n", UID),
+    "kind's nested kubelet, systemd driver": (
+        "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
+        f"kubelet-kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-1.scope\n",
+        UID,
+    ),
 }
 
 
@@ -40,6 +52,18 @@ def test_the_pod_is_read_from_the_cgroup_path(case: str) -> None:
     text, expected = CGROUPS[case]
 
     assert pod_of_cgroups(text) == expected
+
+
+def test_a_pod_cgroup_not_owned_by_root_is_no_pod(tmp_path: Path) -> None:
+    owned = {"/kubepods/pod" + UID: 0, "/kubepods/pod" + OTHER: 65534}
+
+    def owned_by_root(path: str) -> bool:
+        return owned.get(path) == 0
+
+    assert pod_of_cgroups(f"0::/kubepods/pod{UID}/c\n", owned_by_root) == UID
+    assert pod_of_cgroups(f"0::/kubepods/pod{OTHER}/c\n", owned_by_root) is None
+    # v1 hierarchies are not resolved against the v2 mount: no check there
+    assert pod_of_cgroups(f"4:pids:/kubepods/pod{OTHER}/c\n", owned_by_root) == OTHER
 
 
 @pytest.fixture

@@ -315,3 +315,26 @@ def test_modes_come_from_the_layout_per_path() -> None:
     assert stat.S_IMODE(nested.st_mode) == 0o400 and stat.S_IMODE(plain.st_mode) == 0o440
     assert stat.S_IMODE(directory.st_mode) == 0o550
     assert (plain.st_uid, plain.st_gid, directory.st_gid) == (0, 1234, 1234)
+
+
+def test_unpublish_wipes_a_rotated_out_version_that_a_reader_still_holds(fs: SecretFS) -> None:
+    fh = open_file(fs, "vol", "password")
+    old_buffer = fs._files[fh].buffer
+    rotation = fs.replace_volume("vol", {"password": SecretBuffer.from_bytes(b"new")}, Layout())
+    assert rotation is not None
+    fs.retire(rotation)
+
+    fs.remove_volume("vol")
+
+    assert old_buffer.wiped
+    assert errno_of(fs.read(fh, 0, 10)) == errno.ESTALE
+
+
+def test_a_path_thousands_of_folders_deep_builds_and_wipes_without_recursion() -> None:
+    fs = SecretFS()
+    buffer = SecretBuffer.from_bytes(b"deep")
+
+    fs.add_volume("deep", {"/".join(["d"] * 3000): buffer}, Layout())
+    fs.remove_volume("deep")
+
+    assert buffer.wiped

@@ -130,3 +130,20 @@ def test_a_chunked_body_of_a_large_secret_arrives_whole(
     buffers = reader.read("default", "large")
 
     assert {k: bytes(b.view()) for k, b in buffers.items()} == values
+
+
+def test_a_connection_with_bytes_beyond_the_response_is_never_reused(
+    reader: SecretReader, api: FakeKubeAPI
+) -> None:
+    api.set_secret("default", "db", {"k": b"v"})
+    reader.read("default", "db")
+    before = api.connections
+    api.inject(
+        Fault(trailing=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", path="/secrets/db")
+    )
+
+    reader.read("default", "db")  # answered, then followed by a smuggled extra response
+    reader.read("default", "db")
+
+    assert api.connections == before + 1  # the tainted connection was dropped
+    assert bytes(reader.read("default", "db")["k"].view()) == b"v"

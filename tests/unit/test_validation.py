@@ -99,6 +99,14 @@ INVALID: dict[str, Callable[[], csi_pb2.NodePublishVolumeRequest]] = {
     "optional not a boolean": lambda: request(context={"optional": "yes"}),
     "mount group not numeric": lambda: request(volume_capability=mount(group="wheel")),
     "mount group negative": lambda: request(volume_capability=mount(group="-1")),
+    "mount group in other digits": lambda: request(volume_capability=mount(group="\u0661\u0662")),
+    "mount group superscript": lambda: request(volume_capability=mount(group="\u00b2")),
+    "item path a dot": lambda: item_at("."),
+    "item path with a dot segment inside": lambda: item_at("a/./b"),
+    "item path too deep": lambda: item_at("/".join(["a"] * 65)),
+    "item path a lone surrogate": lambda: item_at("a\ud800"),
+    "items nested too deep": lambda: items("[" * 100_000),
+    "items too long": lambda: items(json.dumps([{"key": "a", "path": "p" * 200}] * 2000)),
 }
 
 
@@ -195,8 +203,20 @@ def test_the_pods_token_becomes_a_bearer_authorization() -> None:
         ("not json", "", "no token for audience"),
         (json.dumps(TOKENS), "vault", "no token for audience 'vault'"),
         (json.dumps({"": {"expirationTimestamp": "x"}}), "", "no token for audience"),
+        (json.dumps({"": {"token": "eyJ\r\n\r\nGET / HTTP/1.1"}}), "", "characters a token"),
+        (json.dumps({"": {"token": "eyJ \u00e9"}}), "", "characters a token"),
+        (json.dumps({"": {"token": "eyJ\ud800"}}), "", "characters a token"),
     ],
-    ids=["absent", "empty", "not JSON", "other audience", "no token field"],
+    ids=[
+        "absent",
+        "empty",
+        "not JSON",
+        "other audience",
+        "no token field",
+        "line breaks",
+        "not ASCII",
+        "a lone surrogate",
+    ],
 )
 def test_without_a_usable_token_publish_is_invalid_and_names_the_csidriver_setting(
     tokens: str | None, audience: str, words: str
