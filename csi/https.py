@@ -54,11 +54,12 @@ class Server:
 
 def tls_context(
     ca_file: str | None,
+    ca_data: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
     verify: bool = True,
 ) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context(cafile=ca_file, cadata=ca_data)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -1,10 +1,10 @@
 """Reading Secrets from the Kubernetes API into locked buffers.
 
 One `SecretReader` serves every publish of the node. The connection settings
-and the driver's own credentials come from the official `kubernetes` client's
-config loaders (kubeconfig or in-cluster, with their token refresh); the GET
-itself goes through `secretfs.csi.https`, which keeps every byte of the
-response in locked memory that is wiped after decoding.
+and the driver's own credentials come from `apiconfig` (the pod's service
+account or a kubeconfig); the GET itself goes through `secretfs.csi.https`,
+which keeps every byte of the response in locked memory that is wiped after
+decoding.
 
 Every outcome becomes a `FetchError` carrying the gRPC code the kubelet
 should see. Transient failures (connection errors, 429, 5xx) are retried
@@ -17,7 +17,6 @@ from __future__ import annotations
 import binascii
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -29,7 +28,7 @@ import grpc
 
 from secretfs.fs.buffer import SecretBuffer, scrub_bytes, scrub_str
 
-from . import __version__, metrics
+from . import __version__, apiconfig, metrics
 from .https import HttpError, HttpsClient, Response, server_from_url, tls_context
 
 log = logging.getLogger(__name__)
@@ -58,37 +57,16 @@ Credentials = Callable[[], SecretBuffer | None]
 
 
 def connect(kubeconfig: str | None) -> tuple[HttpsClient, Credentials]:
-    """A client for the API server and the driver's own credentials.
-
-    `kubeconfig` if given, else the in-cluster service account, else
-    $KUBECONFIG or ~/.kube/config.
-    """
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(
-            config_file=kubeconfig, client_configuration=configuration, persist_config=False
-        )
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration, persist_config=False)
+    """A client for the API server and the driver's own credentials (see apiconfig.load)."""
+    settings = apiconfig.load(kubeconfig)
     context = tls_context(
-        configuration.ssl_ca_cert,
-        configuration.cert_file,
-        configuration.key_file,
-        configuration.verify_ssl,
+        settings.ca_file, settings.ca_data, settings.cert_file, settings.key_file, settings.verify
     )
-    server = server_from_url(configuration.host, context, configuration.tls_server_name)
+    server = server_from_url(settings.url, context, settings.server_name)
 
     def driver_credentials() -> SecretBuffer | None:
-        if configuration.refresh_api_key_hook is not None:
-            configuration.refresh_api_key_hook(configuration)  # token files and plugins rotate
-        for setting in configuration.auth_settings().values():
-            if setting.get("in") == "header" and setting.get("key") == "authorization":
-                return SecretBuffer.from_bytes(str(setting["value"]).encode())
-        return None  # client certificates only
+        value = settings.authorization()
+        return SecretBuffer.from_bytes(value.encode()) if value else None
 
     return HttpsClient(server, user_agent=f"secretfs/{__version__}"), driver_credentials
 
