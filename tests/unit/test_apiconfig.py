@@ -101,11 +101,15 @@ def test_in_a_pod_the_service_account_is_used(
 def test_other_kubeconfigs_go_to_the_official_loader(tmp_path: Path) -> None:
     exec_user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "true"}}
     path = kubeconfig(tmp_path / "kc", {"server": "https://127.0.0.1:1"}, exec_user)
+    program = (
+        "import sys; from secretfs.csi import apiconfig;"
+        f"c = apiconfig.from_kubeconfig({str(path)!r});"
+        "print(c.url, 'kubernetes' in sys.modules)"
+    )
 
-    config = apiconfig.from_kubeconfig(str(path))
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
 
-    assert config.url == "https://127.0.0.1:1"
-    assert "kubernetes" in sys.modules
+    assert out.stdout.split() == ["https://127.0.0.1:1", "True"]
 
 
 def test_a_kubeconfig_naming_a_missing_context_part_is_an_error(tmp_path: Path) -> None:
