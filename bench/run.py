@@ -41,6 +41,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The client's own notices (an idle connection closed, say) are not results.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 from secretfs.csi.pb import csi_pb2  # noqa: E402
@@ -83,8 +85,7 @@ class Bench:
         remove_test_cgroups()
 
     def driver(self, name: str) -> Driver:
-        folder = self.workdir / name
-        folder.mkdir()
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
         folder.chmod(0o755)
         driver = Driver(folder, self.kubeconfig, tokens=lambda ns, sa: self.token)
         return driver.start()

@@ -73,29 +73,39 @@ def _unescape(field: str) -> str:
 def mount_table(path: str = "/proc/self/mountinfo", at: str | None = None) -> list[MountInfo]:
     """The mount table; only the mounts at mount point `at`, if given.
 
-    With thousands of volumes the table has thousands of lines: lines that
-    cannot name `at` are skipped before they are parsed.
+    With thousands of volumes the table has thousands of lines: when `at` is
+    given, the text is searched for it and only the lines that name it are
+    parsed.
     """
-    table = []
-    needle = f" {_escape(at)} " if at is not None else ""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            if needle not in line:
-                continue
-            # Single spaces separate the fields; any other white space is a name's own.
-            fields = line.rstrip("\n").split(" ")
-            sep = fields.index("-")
-            table.append(
-                MountInfo(
-                    mount_id=int(fields[0]),
-                    root=_unescape(fields[3]),
-                    mountpoint=_unescape(fields[4]),
-                    options=frozenset(fields[5].split(",")),
-                    fstype=fields[sep + 1],
-                    source=_unescape(fields[sep + 2]),
-                )
-            )
-    return table
+        text = f.read()
+    if at is None:
+        lines = text.splitlines()
+    else:
+        lines = []
+        needle = f" {_escape(at)} "
+        found = text.find(needle)
+        while found >= 0:
+            start = text.rfind("\n", 0, found) + 1
+            end = text.find("\n", found)
+            end = len(text) if end < 0 else end
+            lines.append(text[start:end])
+            found = text.find(needle, end)
+    return [_parse(line) for line in lines]
+
+
+def _parse(line: str) -> MountInfo:
+    # Single spaces separate the fields; any other white space is a name's own.
+    fields = line.split(" ")
+    sep = fields.index("-")
+    return MountInfo(
+        mount_id=int(fields[0]),
+        root=_unescape(fields[3]),
+        mountpoint=_unescape(fields[4]),
+        options=frozenset(fields[5].split(",")),
+        fstype=fields[sep + 1],
+        source=_unescape(fields[sep + 2]),
+    )
 
 
 def mounts_at(path: str) -> list[MountInfo]:

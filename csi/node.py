@@ -252,9 +252,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # From here on the filesystem owns the buffers, and wipes them if this fails.
             self._session.call(self._session.fs.add_volume, volume_dir, files, self._layout(spec))
             undo.callback(self._remove_volume, volume_dir)
-            self._clear_stale_mount(host_target)
-            for created in reversed(self._make_target(host_target)):
-                undo.callback(_rmdir_quietly, created)
+            created = self._make_target(host_target)
+            for directory in reversed(created):
+                undo.callback(_rmdir_quietly, directory)
+            if not created:
+                # Only a target that was there already can hold a mount.
+                self._clear_stale_mount(host_target)
+                if os.path.islink(host_target) or not os.path.isdir(host_target):
+                    raise CsiError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"target {spec.target_path} exists and is not a directory",
+                    )
             try:
                 mounts.bind_read_only(
                     os.path.join(self._session.mountpoint, volume_dir), host_target
@@ -285,17 +293,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._unmount(target)
 
     def _make_target(self, target: str) -> list[str]:
-        """Create `target` and any missing parents; returns the directories created."""
+        """Create `target` and any missing parents; returns the directories created.
+
+        An existing target is left for the caller to inspect.
+        """
         missing: list[str] = []
         path = target
         while not os.path.lexists(path):
             missing.append(path)
             path = os.path.dirname(path)
-        if not missing and (os.path.islink(target) or not os.path.isdir(target)):
-            raise CsiError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"target {target} exists and is not a directory",
-            )
         created: list[str] = []
         try:
             for directory in reversed(missing):
