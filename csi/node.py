@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import grpc
 
 from secretfs.fs.buffer import SecretBuffer
+from secretfs.fs.filesystem import yield_to_calls
 from secretfs.fs.session import FuseSession
 from secretfs.fs.tree import Layout, Owner
 
@@ -119,6 +120,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             )
         host_target = self._on_host(spec.target_path)
         with (
+            yield_to_calls(),
             self._credentials(request) as credentials,
             self._publish_slots,
             self._claim(spec.volume_id, spec.target_path),
@@ -323,7 +325,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         volume_id = check_volume_id(request.volume_id)
         target = check_target_path(request.target_path, self._pods_dir)
         host_target = self._on_host(target)
-        with self._claim(volume_id, target):
+        with yield_to_calls(), self._claim(volume_id, target):
             with self._lock:
                 holder = self._holder_of(target)
             if holder is not None and holder.spec.volume_id != volume_id:

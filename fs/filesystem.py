@@ -38,6 +38,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,28 @@ R = TypeVar("R")
 
 # The root lists volumes that come and go; let the kernel recheck it often.
 ROOT_TIMEOUT = 1.0
+
+
+class _Waiting:
+    """How many CSI calls are in progress; while any is, FUSE requests yield first."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def during(self) -> Iterator[None]:
+        with self._lock:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+_calls_waiting = _Waiting()
+yield_to_calls = _calls_waiting.during
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +124,10 @@ def _guarded(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
 
     @functools.wraps(handler)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        if _calls_waiting.count:
+            # A CSI call is under way on another thread: hand it the
+            # interpreter lock now rather than after the switch interval.
+            time.sleep(0)
         try:
             return await handler(*args, **kwargs)
         except FUSEError:
