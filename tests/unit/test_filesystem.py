@@ -13,7 +13,7 @@ import pyfuse3
 import pytest
 
 from secretfs.fs.buffer import SecretBuffer
-from secretfs.fs.filesystem import SecretFS
+from secretfs.fs.filesystem import SecretFS, yield_to_calls
 from secretfs.fs.tree import Layout, Owner
 
 ROOT = pyfuse3.ROOT_INODE
@@ -338,3 +338,20 @@ def test_a_path_thousands_of_folders_deep_builds_and_wipes_without_recursion() -
     fs.remove_volume("deep")
 
     assert buffer.wiped
+
+
+def test_handlers_yield_the_interpreter_only_while_a_csi_call_is_under_way(
+    fs: SecretFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import secretfs.fs.filesystem as filesystem
+
+    yields: list[float] = []
+    monkeypatch.setattr(filesystem.time, "sleep", yields.append)
+    inode = inode_of(fs, "vol")
+
+    run(fs.getattr(inode, None))
+    with yield_to_calls():
+        run(fs.getattr(inode, None))
+    run(fs.getattr(inode, None))
+
+    assert yields == [0]
