@@ -48,7 +48,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from secretfs.csi.pb import csi_pb2  # noqa: E402
 from tests.conftest import make_workdir, remove_workdir  # noqa: E402
 from tests.fakeapi import FakeKubeAPI  # noqa: E402
-from tests.harness import Driver, Kubelet, pod_cgroup, remove_test_cgroups  # noqa: E402
+from tests.harness import Driver, Kubelet, in_pod_command, pod_cgroup, remove_test_cgroups  # noqa: E402
 
 READ_SECONDS = 2.0
 
@@ -166,8 +166,7 @@ class Bench:
     def read_rate(self, path: Path, readers: int, pod: str | None = None) -> int:
         command = [str(self.tools / "readloop"), str(path), str(READ_SECONDS)]
         if pod is not None:
-            procs = pod_cgroup(pod) / "cgroup.procs"
-            command = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *command]
+            command = in_pod_command(pod, command)
         loops = [
             subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(readers)
         ]
@@ -245,10 +244,8 @@ class Bench:
             kubelet.publish(reader_volume)
             quiet = self.publish_round(driver, kubelet)
             command = [str(self.tools / "readloop"), str(reader_volume.target / "k"), "30"]
-            procs = pod_cgroup(reader_volume.pod_uid) / "cgroup.procs"
             reader = subprocess.Popen(
-                ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *command],
-                stdout=subprocess.DEVNULL,
+                in_pod_command(reader_volume.pod_uid, command), stdout=subprocess.DEVNULL
             )
             try:
                 time.sleep(0.5)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import make_workdir, remove_workdir
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, mounts_below, pod_cgroup, remove_test_cgroups
+from tests.harness import Driver, Kubelet, in_pod_command, mounts_below, remove_test_cgroups
 
 NAMESPACE = "shop"
 SAMPLE = {
@@ -40,8 +40,7 @@ def show(command: list[str], as_nobody: bool = False, pod: str | None = None) ->
     else:
         command_line = list(command)
     if pod is not None:
-        procs = pod_cgroup(pod) / "cgroup.procs"
-        command_line = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *command_line]
+        command_line = in_pod_command(pod, command_line)
     who = "nobody" if as_nobody else "root"
     where = "in the pod" if pod else "on the host"
     print(f"{who} {where}$ {shlex.join(command)}", flush=True)

@@ -87,6 +87,12 @@ def remove_test_cgroups() -> None:
         top.rmdir()
 
 
+def in_pod_command(pod_uid: str, command: list[str]) -> list[str]:
+    """`command`, wrapped so that it runs inside the pod's cgroup."""
+    procs = pod_cgroup(pod_uid) / "cgroup.procs"
+    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *command]
+
+
 @contextlib.contextmanager
 def in_pod(pod_uid: str) -> Iterator[None]:
     """Run the test process itself inside a pod's cgroup for the block."""
@@ -112,8 +118,7 @@ def read_as(
     # cat rather than Python: the test's interpreter may sit where `uid` cannot reach.
     reader = ["setpriv", *credentials, "cat", "--", str(path)]
     if pod is not None:
-        procs = pod_cgroup(pod) / "cgroup.procs"
-        reader = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *reader]
+        reader = in_pod_command(pod, reader)
     out = subprocess.run(reader, capture_output=True, check=False, timeout=30)
     if out.returncode == 0:
         return out.stdout

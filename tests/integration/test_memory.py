@@ -20,12 +20,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import pytest
 
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, code_of, in_pod, read_as
+from tests.harness import Driver, Kubelet, Volume, code_of, in_pod, read_as
 
 pytestmark = pytest.mark.fuse
 
@@ -315,18 +316,25 @@ def test_allow_unlocked_memory_starts_with_a_warning(new_driver: Driver) -> None
     assert "ready:" in text
 
 
-def test_a_rotated_out_value_leaves_no_copy_once_its_last_reader_closes(
-    kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
-) -> None:
+def rotate_under_a_reader(
+    kubelet: Kubelet, api: FakeKubeAPI, name: str
+) -> tuple[bytes, bytes, Volume, BinaryIO]:
+    """Publish value `old`, open it from the pod, then rotate the Secret to `new`."""
     old, new = marker(), marker()
-    api.set_secret("default", "rotor", {"k": old})
-    volume = kubelet.volume("rotor")
+    api.set_secret("default", name, {"k": old})
+    volume = kubelet.volume(name)
     kubelet.publish(volume)
     with in_pod(volume.pod_uid):
         reader = open(volume.target / "k", "rb")
-
-    api.set_secret("default", "rotor", {"k": new})
+    api.set_secret("default", name, {"k": new})
     kubelet.publish(volume)
+    return old, new, volume, reader
+
+
+def test_a_rotated_out_value_leaves_no_copy_once_its_last_reader_closes(
+    kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
+) -> None:
+    old, new, volume, reader = rotate_under_a_reader(kubelet, api, "rotor")
     assert copies(driver, old) == (1, 0)  # still served to the reader that opened it
     assert reader.read() == old
     reader.close()
@@ -387,14 +395,7 @@ def test_reads_leave_no_page_in_the_page_cache(
 def test_unpublish_wipes_a_rotated_out_value_even_while_a_reader_holds_it(
     kubelet: Kubelet, driver: Driver, api: FakeKubeAPI
 ) -> None:
-    old, new = marker(), marker()
-    api.set_secret("default", "held", {"k": old})
-    volume = kubelet.volume("held")
-    kubelet.publish(volume)
-    with in_pod(volume.pod_uid):
-        reader = open(volume.target / "k", "rb")
-    api.set_secret("default", "held", {"k": new})
-    kubelet.publish(volume)
+    old, new, volume, reader = rotate_under_a_reader(kubelet, api, "held")
 
     kubelet.unpublish(volume)
 
