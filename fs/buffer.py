@@ -204,9 +204,10 @@ def _lock(mapping: mmap.mmap) -> bool:
     address, length = _address(mapping)
     if _libc.mlock(address, length) == 0:
         return True
+    # Only reachable when `serve` was told to run without locked memory
+    # (--allow-unlocked-memory), which it already warned about at start.
     err = ctypes.get_errno()
-    # TODO(#3): refuse to serve unlocked secrets unless the operator allowed it.
-    log.warning("mlock of a secret buffer failed: %s", os.strerror(err or errno.ENOMEM))
+    log.debug("mlock of a secret buffer failed: %s", os.strerror(err or errno.ENOMEM))
     return False
 
 
