@@ -29,4 +29,5 @@ LABEL org.opencontainers.image.title="secretfs" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
 ENTRYPOINT ["secretfs-csi"]
-CMD ["serve", "--endpoint", "unix:///csi/csi.sock"]
+# The DaemonSet passes `serve` and its flags; without them, say how to use it.
+CMD ["--help"]

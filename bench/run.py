@@ -1,6 +1,6 @@
 """SecretFS benchmarks, each figure beside the limits of the same machine in the same run.
 
-    python bench/run.py [--runs N] [--json PATH]
+    python bench/run.py [--runs N] [--json PATH] [--only SECTION,...]
 
 Needs root and /dev/fuse, gcc and libfuse3 headers (for the C yardstick and
 the reader). Prints a table and writes the same figures as JSON. Each figure
@@ -340,12 +340,27 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(["| figure | value |", "|---|---|", *lines])
 
 
+SECTIONS = ("publish", "reads", "memory", "rotation", "fairness")
+
+
+def _sections(text: str) -> list[str]:
+    chosen = text.split(",")
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sections: {', '.join(sorted(unknown))}")
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of the suite (default 3)")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument(
-        "--only", help="comma-separated sections: publish, reads, memory, rotation, fairness"
+        "--json", help="where to write the figures (default: bench/results.json for a full run)"
+    )
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        help=f"comma-separated sections, of: {', '.join(SECTIONS)} (default: all)",
     )
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -365,8 +380,7 @@ def main() -> int:
                 "rotation": bench.rotation,
                 "fairness": bench.fairness,
             }
-            chosen = args.only.split(",") if args.only else list(sections)
-            runs.append({name: sections[name]() for name in chosen})
+            runs.append({name: sections[name]() for name in args.only or SECTIONS})
     finally:
         bench.close()
         shutil.rmtree(tools, ignore_errors=True)
@@ -376,8 +390,11 @@ def main() -> int:
         "runs": args.runs,
         "figures": median_of(runs),
     }
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{results['date']}, {results['machine']}, median of {args.runs} runs\n")
+    output = args.json or (None if args.only else ROOT / "bench" / "results.json")
+    if output is not None:
+        Path(output).write_text(json.dumps(results, indent=2) + "\n")
+    runs_text = "1 run" if args.runs == 1 else f"median of {args.runs} runs"
+    print(f"{results['date']}, {results['machine']}, {runs_text}\n")
     print(table(results))
     return 0
 

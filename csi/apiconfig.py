@@ -67,10 +67,17 @@ def in_cluster(root: Path = SERVICE_ACCOUNT) -> ApiConfig:
     if ":" in host:
         host = f"[{host}]"  # IPv6
     token_file = root / "token"
+    ca_file = root / "ca.crt"
+    if not ca_file.is_file():
+        raise ValueError(
+            f"{ca_file} is missing: mount the cluster's CA there (the kube-root-ca.crt "
+            "ConfigMap, as manifests/ does) to verify the API server"
+        )
     return ApiConfig(
         url=f"https://{host}:{port}",
-        ca_file=str(root / "ca.crt"),
-        authorization=lambda: _bearer_from(token_file),
+        ca_file=str(ca_file),
+        # Pod mode needs no token of the driver's own: none may be mounted.
+        authorization=lambda: _bearer_from(token_file) if token_file.exists() else None,
     )
 
 

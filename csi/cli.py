@@ -107,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-address",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at /metrics on this address (default: off)",
+        help="serve Prometheus metrics at /metrics, and /healthz and /readyz, on this "
+        "address (default: off)",
     )
     serve.add_argument(
         "--health-address",

@@ -218,14 +218,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _layout(self, spec: PublishSpec) -> Layout:
         group = spec.mount_group
+        # With an fsGroup the files belong to root and that group, and, as the
+        # kubelet does for its own secret volumes, every mode gains group
+        # read: the pod reads through the group, never as root.
+        group_read = 0 if group is None else 0o040
         default_mode = 0o444 if group is None else 0o440
-        owner = Owner(spec.pod_uid, spec.volume_id) if self._auth.pod_binding else None
+        file_mode = default_mode if spec.file_mode is None else spec.file_mode
         return Layout(
-            file_mode=default_mode if spec.file_mode is None else spec.file_mode,
+            file_mode=file_mode | group_read,
             dir_mode=0o555 if group is None else 0o550,
             gid=group or 0,
-            modes={i.path: i.mode for i in spec.items or () if i.mode is not None},
-            owner=owner,
+            modes={i.path: i.mode | group_read for i in spec.items or () if i.mode is not None},
+            owner=Owner(spec.pod_uid, spec.volume_id) if self._auth.pod_binding else None,
         )
 
     def _refresh(self, publication: Publication, credentials: SecretBuffer | None) -> None:

@@ -67,8 +67,9 @@ def cgroup2_root() -> Path:
 
 
 # Test pods live in cgroups below this one, named as the kubelet's cgroupfs
-# driver names them, so the driver's pod binding recognises them.
-TEST_CGROUPS = "secretfs-tests"
+# driver names them, so the driver's pod binding recognises them. One tree
+# per test process, so that runs side by side never remove each other's.
+TEST_CGROUPS = f"secretfs-tests-{os.getpid()}"
 
 
 def pod_cgroup(pod_uid: str) -> Path:

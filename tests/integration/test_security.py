@@ -257,3 +257,16 @@ def test_no_secret_value_or_token_reaches_the_logs_at_the_highest_verbosity(
     assert "NodePublishVolume" in logs and "DEBUG" in logs  # the highest verbosity ran
     for forbidden in (value, base64.b64encode(value), token.encode(), b"Bearer"):
         assert forbidden.decode() not in logs
+
+
+def test_with_an_fsgroup_an_owner_only_mode_still_reads_through_the_group(
+    kubelet: Kubelet,
+) -> None:
+    items = [{"key": "password", "path": "private/key", "mode": 0o400}]
+    volume = kubelet.volume("db", fs_group=2000, attributes={"items": json.dumps(items)})
+    kubelet.publish(volume)
+    path = volume.target / "private" / "key"
+
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o440
+    assert read_as(path, pod=volume.pod_uid, uid=1000, gid=1000, groups=(2000,)) == b"hunter2"
+    kubelet.unpublish(volume)

@@ -88,6 +88,7 @@ def test_in_a_pod_the_service_account_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "token").write_text("sa-token")
+    (tmp_path / "ca.crt").write_text("pem")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
 
@@ -118,3 +119,21 @@ def test_a_kubeconfig_naming_a_missing_context_part_is_an_error(tmp_path: Path) 
 
     with pytest.raises(ValueError, match="no context named 'nope'"):
         apiconfig.from_kubeconfig(str(path))
+
+
+def test_in_a_pod_without_a_token_the_driver_has_no_credentials_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ca.crt").write_text("pem")  # only the CA, as the pod-mode DaemonSet mounts
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+
+    assert apiconfig.in_cluster(tmp_path).authorization() is None
+
+
+def test_in_a_pod_without_the_cluster_ca_the_error_says_what_to_mount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+
+    with pytest.raises(ValueError, match=r"kube-root-ca\.crt"):
+        apiconfig.in_cluster(tmp_path)

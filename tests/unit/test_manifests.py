@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,38 @@ def test_the_dockerfile_is_multi_stage_pinned_and_copies_only_files_that_exist()
     labels = " ".join(rest for op, rest in steps if op == "LABEL")
     for label in ("title", "description", "licenses", "version"):
         assert f"org.opencontainers.image.{label}=" in labels
+
+
+def test_pod_mode_mounts_the_cluster_ca_without_a_token() -> None:
+    pod = one(BASE, "DaemonSet")["spec"]["template"]["spec"]
+    driver = pod["containers"][0]
+    ca = next(v for v in pod["volumes"] if v["name"] == "api-ca")
+    mount = next(m for m in driver["volumeMounts"] if m["name"] == "api-ca")
+
+    assert pod["automountServiceAccountToken"] is False
+    assert ca["projected"]["sources"][0]["configMap"]["name"] == "kube-root-ca.crt"
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@pytest.mark.parametrize("folder", ["manifests", "manifests/overlays/driver-mode"])
+def test_kustomize_renders_the_base_and_the_overlay(folder: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / folder)], capture_output=True, text=True, check=False
+    )
+
+    assert out.returncode == 0, out.stderr
+    objects = [d for d in yaml.safe_load_all(out.stdout) if d]
+    pod = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    if folder.endswith("driver-mode"):
+        assert "--auth-mode=driver" in args and pod["automountServiceAccountToken"] is True
+        assert "api-ca" not in {v["name"] for v in pod["volumes"]}
+        assert "api-ca" not in {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    else:
+        assert "--auth-mode=pod" in args and "ClusterRole" not in {o["kind"] for o in objects}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "manifests").rglob("*.yaml")), ids=str)
