@@ -21,7 +21,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -304,12 +303,3 @@ class _Reader:
             self.buffer.move(out, data, size)
             out += size
             pos = data + size + 2
-
-
-@contextlib.contextmanager
-def wiped(response: Response) -> Iterator[memoryview]:
-    """The response body, with the buffer wiped when the block ends."""
-    try:
-        yield response.body()
-    finally:
-        response.buffer.wipe()

@@ -128,7 +128,8 @@ class SecretReader:
             raise _Transient("no time left")
         own = self._credentials() if authorization is None else None
         try:
-            response = self._client.get(path, authorization or own, min(REQUEST_TIMEOUT, remaining))
+            sent = authorization if authorization is not None else own
+            response = self._client.get(path, sent, min(REQUEST_TIMEOUT, remaining))
         except HttpError as exc:
             metrics.API_ERRORS.labels(metrics.api_error_kind(0)).inc()
             raise _Transient(str(exc)) from None

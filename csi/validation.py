@@ -31,7 +31,6 @@ POD_NAME = "csi.storage.k8s.io/pod.name"
 POD_UID = "csi.storage.k8s.io/pod.uid"
 SERVICE_ACCOUNT = "csi.storage.k8s.io/serviceAccount.name"
 SA_TOKENS = "csi.storage.k8s.io/serviceAccount.tokens"
-EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 
 # Attributes a pod author may set in the volume's volumeAttributes.
