@@ -342,3 +342,12 @@ def code_of(call: Any, *args: Any, **kwargs: Any) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
+
+
+def crash_with_a_volume(driver: Driver, secret: str = "db") -> tuple[Kubelet, Volume]:
+    """Start `driver`, publish a volume, kill the driver with SIGKILL: a crash."""
+    kubelet = Kubelet(driver.start())
+    volume = kubelet.volume(secret)
+    kubelet.publish(volume)
+    driver.stop(signal.SIGKILL)
+    return kubelet, volume

@@ -12,7 +12,7 @@ import pytest
 
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI
-from tests.harness import Driver, Kubelet, code_of, in_pod, mounts_below
+from tests.harness import Driver, Kubelet, code_of, crash_with_a_volume, in_pod, mounts_below
 
 pytestmark = pytest.mark.fuse
 
@@ -74,12 +74,9 @@ def test_sigterm_unmounts_the_filesystem_removes_the_socket_and_exits_0(new_driv
 def test_a_crashed_run_leaves_nothing_that_stops_a_new_start_and_its_volumes_unpublish(
     new_driver: Driver,
 ) -> None:
-    driver = new_driver.start()
-    kubelet = Kubelet(driver)
-    volume = kubelet.volume("db")
-    kubelet.publish(volume)
+    driver = new_driver
+    kubelet, volume = crash_with_a_volume(driver)
 
-    driver.stop(signal.SIGKILL)
     assert driver.socket.exists()
     assert mounts_below(driver.state_dir) == [str(driver.state_dir)]
 
@@ -96,11 +93,8 @@ def test_a_crashed_run_leaves_nothing_that_stops_a_new_start_and_its_volumes_unp
 
 
 def test_publish_over_a_dead_mount_of_a_crashed_run_replaces_it(new_driver: Driver) -> None:
-    driver = new_driver.start()
-    kubelet = Kubelet(driver)
-    volume = kubelet.volume("db")
-    kubelet.publish(volume)
-    driver.stop(signal.SIGKILL)
+    driver = new_driver
+    kubelet, volume = crash_with_a_volume(driver)
 
     driver.start()
     kubelet.publish(volume)

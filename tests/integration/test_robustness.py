@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
-import signal
 import subprocess
 import time
 
@@ -14,7 +13,7 @@ import pytest
 
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI, Fault
-from tests.harness import Driver, Kubelet, code_of, mounts_below, read_as
+from tests.harness import Driver, Kubelet, code_of, crash_with_a_volume, mounts_below, read_as
 
 pytestmark = pytest.mark.fuse
 
@@ -47,13 +46,9 @@ def test_a_symlinked_state_dir_survives_a_crash_and_restart(new_driver: Driver) 
     real = new_driver.workdir / "real-state"
     real.mkdir()
     new_driver.state_dir.symlink_to(real)
-    driver = new_driver.start()
-    kubelet = Kubelet(driver)
-    volume = kubelet.volume("db")
-    kubelet.publish(volume)
-    driver.stop(signal.SIGKILL)
+    kubelet, volume = crash_with_a_volume(new_driver)
 
-    driver.start()
+    new_driver.start()
     kubelet.unpublish(volume)
 
     assert mounts_below(volume.target) == []
