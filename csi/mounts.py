@@ -36,6 +36,7 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8  # never unmount what a symlink at the path points to
 
 # The FUSE mount itself is already read-only, nosuid, nodev and noexec; the
 # bind mount repeats the flags so the target is safe on its own.
@@ -148,18 +149,23 @@ def bind_read_only(source: str, target: str) -> None:
 def unmount(path: str) -> int:
     """Unmount everything stacked on `path`; returns how many mounts went.
 
-    A mount whose FUSE server died or is busy is detached lazily: the kernel
-    removes it from the tree now and frees it once its last user leaves.
+    The kernel itself says when nothing is left (EINVAL: not a mount point;
+    ENOENT: no such path), so the mount table is never read here. A mount
+    whose FUSE server died or is busy is detached lazily: the kernel removes
+    it from the tree now and frees it once its last user leaves.
     """
     count = 0
+    target = path.encode()
     for _ in range(_MAX_STACK):
-        if not is_mountpoint(path):
+        if _libc.umount2(target, UMOUNT_NOFOLLOW) == 0:
+            count += 1
+            continue
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
             return count
-        if _libc.umount2(path.encode(), 0) != 0:
-            err = ctypes.get_errno()
-            if err not in _DETACH_ON:
-                raise OSError(err, f"unmount {path}: {os.strerror(err)}")
-            log.warning("detaching mount at %s lazily: %s", path, os.strerror(err))
-            _check(_libc.umount2(path.encode(), MNT_DETACH), "detach of", path)
+        if err not in _DETACH_ON:
+            raise OSError(err, f"unmount {path}: {os.strerror(err)}")
+        log.warning("detaching mount at %s lazily: %s", path, os.strerror(err))
+        _check(_libc.umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW), "detach of", path)
         count += 1
     raise OSError(errno.EBUSY, f"unmount {path}: still mounted after {_MAX_STACK} unmounts")
