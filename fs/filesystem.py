@@ -11,16 +11,20 @@ Rules every handler keeps:
 * It returns a value or raises `FUSEError`. Anything else is caught once, by
   `_guarded`, logged and answered EIO, because an exception escaping a handler
   would end `pyfuse3.main()` and with it every volume on the node.
-* It makes no system call and never awaits: a handler runs start to finish on
-  the FUSE thread, so changes to the tree (made on the same thread through
-  `FuseSession.call`) never interleave with a request.
+* It never awaits: a handler runs start to finish on the FUSE thread, so
+  changes to the tree (made on the same thread through `FuseSession.call`)
+  never interleave with a request.
+* It makes no system call that could touch the mount, and few at all: pod
+  binding reads the caller's /proc/PID/cgroup on open, and while a CSI call
+  is under way each request first yields the interpreter lock to it.
 * It never logs file contents, only inode numbers, sizes and counts.
 
 Rotation swaps a volume's whole file set in one step (`replace_volume`): the
 volume's top directory keeps its inode, which is what the target's bind
 mount shows, and gets new children with new inode numbers. A file opened
 before the swap keeps reading the version it opened; that version's buffer
-is wiped when its last handle closes.
+is wiped when its last handle closes, or when the volume goes, whichever
+comes first.
 
 Known limits:
 
