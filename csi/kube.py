@@ -199,11 +199,13 @@ def decode_secret(body: memoryview, what: str) -> dict[str, SecretBuffer]:
     finally:
         scrub_bytes(raw)
     data = secret.get("data") if isinstance(secret, dict) else None
+    if data is None:
+        data = {}  # a Secret without data
+    if not isinstance(data, dict):
+        raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: data is not a map")
     buffers: dict[str, SecretBuffer] = {}
     try:
-        if not isinstance(data, dict | None):
-            raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: data is not a map")
-        for key, encoded in (data or {}).items():
+        for key, encoded in data.items():
             if not isinstance(encoded, str):
                 raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: a value is not a string")
             if not _KEY.fullmatch(key) or key in (".", ".."):
@@ -224,7 +226,7 @@ def decode_secret(body: memoryview, what: str) -> dict[str, SecretBuffer]:
             buffer.wipe()
         raise
     finally:
-        for encoded in (data or {}).values() if isinstance(data, dict) else ():
+        for encoded in data.values():
             if isinstance(encoded, str):
                 scrub_str(encoded)
     return buffers
