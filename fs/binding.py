@@ -21,6 +21,7 @@ by the file's text, which repeats for every process of a container.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -39,6 +40,12 @@ _POD_COMPONENT = re.compile(
     rf"|(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)*-pod(?P<slice>{_UUID_UNDERSCORED})\.slice"
 )
 
+# The cgroups the kubelet puts above a pod's: its root and the QoS classes,
+# in both naming schemes (`kubepods/burstable`, `kubepods-burstable.slice`).
+_HIERARCHY = re.compile(
+    r"kubepods|burstable|besteffort|guaranteed|(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)*\.slice"
+)
+
 # Entries kept before a cache starts over.
 CACHE_LIMIT = 4096
 
@@ -47,26 +54,31 @@ def pod_of_path(path: str, owned_by_root: Callable[[str], bool] | None = None) -
     """The pod whose cgroup `path` lies in, or None.
 
     The first component naming a pod decides, so cgroups a pod nests inside
-    its own cannot claim another pod. It must lie below a kubepods cgroup (or
-    below the edge of the reader's cgroup namespace, shown as `..`), so that
-    a cgroup delegated to a user cannot pass for a pod just by its name. When
-    the path can be resolved, `owned_by_root` is asked about the pod's
-    directory too: users create cgroups they own, the kubelet's are root's.
+    its own cannot claim another pod. What lies above it must be the
+    kubelet's hierarchy, so that a cgroup delegated to a user cannot pass for
+    a pod just by its name:
+
+    * a path seen whole (no `..`) needs a kubepods cgroup somewhere above the
+      pod, and `owned_by_root` is asked about the pod's directory: users
+      create cgroups they own, the kubelet's are root's;
+    * a path seen from a private cgroup namespace starts with `..`, hiding
+      the top of the tree, and cannot be checked for ownership: every
+      component it does show above the pod must be a kubepods or QoS cgroup.
     """
-    parts = path.split("/")
+    parts = [p for p in path.split("/") if p]
     for index, part in enumerate(parts):
         match = _POD_COMPONENT.fullmatch(part)
         if match is None:
             continue
-        above = [p for p in parts[:index] if p]
-        if not (
-            part.startswith("kubepods")
-            or any("kubepods" in p for p in above)
-            or all(p == ".." for p in above)
-        ):
-            return None
-        pod_path = "/".join(parts[: index + 1])
-        if owned_by_root is not None and ".." not in above and not owned_by_root(pod_path):
+        above = parts[:index]
+        shown = list(itertools.dropwhile(lambda p: p == "..", above))
+        if len(shown) < len(above):
+            trusted = all(_HIERARCHY.fullmatch(p) for p in shown)
+        else:
+            trusted = ("kubepods" in part or any("kubepods" in p for p in above)) and (
+                owned_by_root is None or owned_by_root("/" + "/".join(parts[: index + 1]))
+            )
+        if not trusted:
             return None
         return match["plain"] or match["slice"].replace("_", "-")
     return None

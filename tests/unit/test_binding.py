@@ -39,6 +39,18 @@ CGROUPS = {
     ),
     "a cgroup a pod nests in its own": (f"0::/kubepods/pod{OTHER}/ctr/pod{UID}\n", OTHER),
     "seen from a private cgroup namespace": (f"0::/../../pod{UID}/ctr\n", UID),
+    "another QoS class, seen from a private namespace": (
+        f"0::/../../../besteffort/pod{UID}/ctr\n",
+        UID,
+    ),
+    "a systemd pod slice, seen from a private namespace": (
+        f"0::/../../kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-1.scope\n",
+        UID,
+    ),
+    "a user's delegated cgroup, seen from a private namespace": (
+        f"0::/../../../../user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}\n",
+        None,
+    ),
     "kind's nested kubelet, systemd driver": (
         "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
         f"kubelet-kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-1.scope\n",
