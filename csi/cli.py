@@ -276,7 +276,7 @@ def serve(args: argparse.Namespace) -> int:
     server.stop(grace=5).wait()
     session.stop()
     _remove_socket(args.endpoint)
-    log.info("stopped with %d volumes still published", node.published_count())
+    log.info("stopped; the %d volumes published at the time are wiped", node.published_count())
     return 1 if fuse_died else 0
 
 

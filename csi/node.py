@@ -50,6 +50,11 @@ FSTYPE = "fuse.secretfs"
 TARGET_DIR_MODE = 0o750
 
 
+# Locked memory one volume may take. A Secret holds at most 1 MiB; only items
+# that list the same key again and again could reach more, and they would let
+# one pod exhaust the driver's memory for every pod on the node.
+MAX_VOLUME_BYTES = 2 * 1024 * 1024
+
 # Publishes may wait on the API server for their whole retry budget; at most
 # this many run at once, so that some of the server's workers always remain
 # for probes and unpublishes (see server.WORKERS).
@@ -269,6 +274,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"target {spec.target_path} exists and is not a directory",
                     )
+                if os.listdir(host_target):
+                    # Unpublish would refuse to remove it: refuse to hide it.
+                    raise CsiError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"target {spec.target_path} is not empty",
+                    )
             try:
                 mounts.bind_read_only(
                     os.path.join(self._session.mountpoint, volume_dir), host_target
@@ -436,6 +447,15 @@ def select_files(buffers: dict[str, SecretBuffer], spec: PublishSpec) -> dict[st
             buffer.wipe()
         raise CsiError(
             grpc.StatusCode.NOT_FOUND, f"secret {spec.secret_ref} has no key {missing[0]}"
+        )
+    size = sum(len(buffers[item.key]) for item in spec.items if item.key in buffers)
+    if size > MAX_VOLUME_BYTES:
+        for buffer in buffers.values():
+            buffer.wipe()
+        raise CsiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"items would put {size} bytes of secret {spec.secret_ref} in locked memory; "
+            f"a volume holds at most {MAX_VOLUME_BYTES}",
         )
     files: dict[str, SecretBuffer] = {}
     used: set[str] = set()

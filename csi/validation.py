@@ -256,6 +256,9 @@ def _check_item_path(path: str, where: str) -> None:
     parts = path.split("/")
     if {".", "..", ""} & set(parts) or os.path.normpath(path) != path:
         raise _invalid(f"{where}.path must be normalised, without '.', '..' or empty segments")
+    if path.startswith(".."):
+        # As in the kubelet, whose secret volumes keep their own `..data` there.
+        raise _invalid(f"{where}.path must not start with '..'")
     if len(parts) > MAX_DEPTH:
         raise _invalid(f"{where}.path is more than {MAX_DEPTH} folders deep")
     if any(len(part.encode()) > NAME_MAX for part in parts):

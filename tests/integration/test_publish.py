@@ -367,3 +367,17 @@ def test_a_repeated_publish_rotates_a_changed_secret_and_open_files_keep_their_v
         assert sorted(os.listdir(volume.target)) == ["new-only", "password"]
         assert mounts_below(volume.target) == [str(volume.target)]
     kubelet.unpublish(volume)
+
+
+def test_a_target_holding_files_is_refused_and_left_as_it_was(
+    kubelet: Kubelet, driver: Driver, db: dict[str, bytes]
+) -> None:
+    before = volume_dirs(driver)
+    volume = kubelet.volume("db")
+    volume.target.mkdir()
+    (volume.target / "stray").write_text("not ours")
+
+    assert code_of(kubelet.publish, volume) == grpc.StatusCode.FAILED_PRECONDITION
+
+    assert (volume.target / "stray").read_text() == "not ours"
+    assert mounts_below(volume.target) == [] and volume_dirs(driver) == before

@@ -58,3 +58,14 @@ def test_an_optional_volume_skips_missing_keys() -> None:
     files = select_files(secret(), spec((Item("a", "a"), Item("zz", "z")), optional=True))
 
     assert contents(files) == {"a": b"1"}
+
+
+def test_items_repeating_a_key_past_the_volume_cap_are_refused_and_wiped() -> None:
+    buffers = {"big": SecretBuffer.from_bytes(b"x" * (512 * 1024))}
+    items = tuple(Item("big", f"copy-{i}") for i in range(5))  # 2.5 MiB of copies
+
+    with pytest.raises(CsiError) as failure:
+        select_files(buffers, spec(items))
+
+    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert buffers["big"].wiped

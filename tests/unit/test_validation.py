@@ -102,6 +102,7 @@ INVALID: dict[str, Callable[[], csi_pb2.NodePublishVolumeRequest]] = {
     "mount group in other digits": lambda: request(volume_capability=mount(group="\u0661\u0662")),
     "mount group superscript": lambda: request(volume_capability=mount(group="\u00b2")),
     "item path a dot": lambda: item_at("."),
+    "item path starting with ..": lambda: item_at("..data"),
     "item path with a dot segment inside": lambda: item_at("a/./b"),
     "item path too deep": lambda: item_at("/".join(["a"] * 65)),
     "item path a lone surrogate": lambda: item_at("a\ud800"),
