@@ -9,7 +9,9 @@ record buffer after every read (OpenSSL's SSL_OP_CLEANSE_PLAINTEXT).
 
 It speaks just enough HTTP for GETs against the Kubernetes API: keep-alive
 connections reused across calls, Content-Length and chunked bodies, and
-nothing else (no redirects, no proxies, no compression).
+nothing else (no redirects, no proxies, no compression). A request can be
+sent first and its response read later (`send`), so that the caller works
+while the server answers.
 """
 
 from __future__ import annotations
@@ -128,27 +130,21 @@ class HttpsClient:
 
     def get(self, path: str, authorization: SecretBuffer | None, timeout: float) -> Response:
         """GET `path`; `authorization` holds the header value (e.g. `Bearer <token>`)."""
-        deadline = time.monotonic() + timeout
-        request = self._request(path, authorization)
+        return self.send(path, authorization, timeout).response()
+
+    def send(self, path: str, authorization: SecretBuffer | None, timeout: float) -> Exchange:
+        """Send GET `path` now and return; the exchange's `response()` reads the answer.
+
+        Every exchange ends with `response()` or `abandon()`. `authorization`
+        is copied into the request: the caller may wipe it once this returns.
+        """
+        exchange = Exchange(self, self._request(path, authorization), time.monotonic() + timeout)
         try:
-            while True:
-                connection = self._connection(deadline)
-                try:
-                    response, keep = _exchange(connection, request, deadline)
-                except (OSError, HttpError) as exc:
-                    connection.close()
-                    # A kept-alive connection the server has since closed:
-                    # try once more on a fresh one, within the same deadline.
-                    if connection.reused and not isinstance(exc, TimeoutError):
-                        continue
-                    raise HttpError(f"{type(exc).__name__}: {exc}") from None
-                if keep:
-                    self._release(connection)
-                else:
-                    connection.close()
-                return response
-        finally:
-            request.wipe()
+            exchange.send()
+        except BaseException:
+            exchange.abandon()
+            raise
+        return exchange
 
     def close(self) -> None:
         with self._lock:
@@ -203,12 +199,68 @@ class HttpsClient:
         connection.close()
 
 
-def _exchange(
-    connection: _Connection, request: SecretBuffer, deadline: float
-) -> tuple[Response, bool]:
+class Exchange:
+    """One GET on the wire: sent, its response not yet read."""
+
+    def __init__(self, client: HttpsClient, request: SecretBuffer, deadline: float) -> None:
+        self._client = client
+        self._request = request  # wiped when the exchange ends
+        self._deadline = deadline
+        self._connection: _Connection | None = None
+
+    def send(self) -> None:
+        while True:
+            connection = self._client._connection(self._deadline)
+            try:
+                connection.sock.settimeout(max(0.05, self._deadline - time.monotonic()))
+                connection.sock.sendall(self._request.view())
+            except OSError as exc:
+                self._retry_or_raise(connection, exc)
+                continue
+            self._connection = connection
+            return
+
+    def response(self) -> Response:
+        """Read the response; the connection goes back to the pool if it can carry another."""
+        try:
+            while True:
+                connection = self._connection
+                if connection is None:
+                    raise RuntimeError("the exchange has ended")
+                try:
+                    response, keep = _receive(connection, self._deadline)
+                except (OSError, HttpError) as exc:
+                    self._connection = None
+                    self._retry_or_raise(connection, exc)
+                    self.send()
+                    continue
+                self._connection = None
+                if keep:
+                    self._client._release(connection)
+                else:
+                    connection.close()
+                return response
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """End the exchange without reading its response. Idempotent."""
+        if self._connection is not None:
+            # The answer may still arrive: the connection can carry nothing else.
+            self._connection.close()
+            self._connection = None
+        self._request.wipe()
+
+    def _retry_or_raise(self, connection: _Connection, exc: Exception) -> None:
+        connection.close()
+        # A kept-alive connection the server has since closed: try once more
+        # on another, within the same deadline.
+        if not connection.reused or isinstance(exc, TimeoutError):
+            raise HttpError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _receive(connection: _Connection, deadline: float) -> tuple[Response, bool]:
     sock = connection.sock
-    sock.settimeout(max(0.05, deadline - time.monotonic()))
-    sock.sendall(request.view())
     reader = _Reader(sock, deadline)
     try:
         status, headers, body_start = reader.head()

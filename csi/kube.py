@@ -29,7 +29,7 @@ import grpc
 from secretfs.fs.buffer import SecretBuffer, scrub_bytes, scrub_str
 
 from . import __version__, apiconfig, metrics
-from .https import HttpError, HttpsClient, Response, server_from_url, tls_context
+from .https import Exchange, HttpError, HttpsClient, Response, server_from_url, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,105 @@ class SecretReader:
         `authorization` (the caller keeps and wipes it) is sent as is; without
         it the driver's own credentials are used.
         """
-        what = f"secret {namespace}/{name}"
-        path = f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}"
-        deadline = time.monotonic() + self._budget
+        with self.start(namespace, name, authorization) as pending:
+            return pending.result()
+
+    def start(
+        self, namespace: str, name: str, authorization: SecretBuffer | None = None
+    ) -> PendingRead:
+        """Send the first request for the Secret now; `result()` finishes the read.
+
+        The caller may work while the API server answers, and must leave the
+        returned context, which drops the read if `result()` was never called.
+        """
+        return PendingRead(self, namespace, name, authorization)
+
+    def _send(self, path: str, deadline: float, authorization: SecretBuffer | None) -> Exchange:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Transient("no time left")
+        own = self._credentials() if authorization is None else None
+        try:
+            sent = authorization if authorization is not None else own
+            return self._client.send(path, sent, min(REQUEST_TIMEOUT, remaining))
+        except HttpError as exc:
+            metrics.API_ERRORS.labels(metrics.api_error_kind(0)).inc()
+            raise _Transient(str(exc)) from None
+        finally:
+            if own is not None:
+                own.wipe()
+
+    def _response(self, exchange: Exchange) -> Response:
+        try:
+            response = exchange.response()
+        except HttpError as exc:
+            metrics.API_ERRORS.labels(metrics.api_error_kind(0)).inc()
+            raise _Transient(str(exc)) from None
+        if 200 <= response.status < 300:
+            return response
+        metrics.API_ERRORS.labels(metrics.api_error_kind(response.status)).inc()
+        try:
+            message = _status_message(response)
+        finally:
+            response.buffer.wipe()
+        raise _classify(response.status, message)
+
+
+class PendingRead:
+    """A Secret being read: the first request is on the wire, retries are to come."""
+
+    def __init__(
+        self,
+        reader: SecretReader,
+        namespace: str,
+        name: str,
+        authorization: SecretBuffer | None,
+    ) -> None:
+        self._reader = reader
+        self._what = f"secret {namespace}/{name}"
+        self._path = f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}"
+        self._authorization = authorization
+        self._deadline = time.monotonic() + reader._budget
+        self._exchange: Exchange | None = None
+        self._failed: _Transient | None = None  # why the first request could not be sent
+        try:
+            self._exchange = reader._send(self._path, self._deadline, authorization)
+        except _Transient as exc:
+            self._failed = exc
+
+    def __enter__(self) -> PendingRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._exchange is not None:
+            self._exchange.abandon()
+            self._exchange = None
+
+    def result(self) -> dict[str, SecretBuffer]:
+        """The Secret's keys mapped to buffers; retries transient failures within the budget."""
+        reader, what = self._reader, self._what
         delay = _FIRST_DELAY
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = self._get(path, deadline, authorization)
+                if self._failed is not None:
+                    failed, self._failed = self._failed, None
+                    raise failed
+                if self._exchange is None:
+                    self._exchange = reader._send(self._path, self._deadline, self._authorization)
+                exchange, self._exchange = self._exchange, None
+                response = reader._response(exchange)
             except _Transient as exc:
                 pause = delay * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not crypto
-                if time.monotonic() + pause >= deadline:
+                if time.monotonic() + pause >= self._deadline:
                     raise FetchError(
                         grpc.StatusCode.UNAVAILABLE,
                         f"{what}: API server unavailable after {attempt} attempts "
-                        f"in {self._budget:g}s: {exc}",
+                        f"in {reader._budget:g}s: {exc}",
                     ) from None
                 log.info("reading %s failed (%s); retry %d in %.2fs", what, exc, attempt, pause)
-                if self._stopping.wait(pause):
+                if reader._stopping.wait(pause):
                     raise FetchError(
                         grpc.StatusCode.UNAVAILABLE, f"{what}: the driver is shutting down"
                     ) from None
@@ -121,29 +201,6 @@ class SecretReader:
                 return decode_secret(response.body(), what)
             finally:
                 response.buffer.wipe()
-
-    def _get(self, path: str, deadline: float, authorization: SecretBuffer | None) -> Response:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Transient("no time left")
-        own = self._credentials() if authorization is None else None
-        try:
-            sent = authorization if authorization is not None else own
-            response = self._client.get(path, sent, min(REQUEST_TIMEOUT, remaining))
-        except HttpError as exc:
-            metrics.API_ERRORS.labels(metrics.api_error_kind(0)).inc()
-            raise _Transient(str(exc)) from None
-        finally:
-            if own is not None:
-                own.wipe()
-        if 200 <= response.status < 300:
-            return response
-        metrics.API_ERRORS.labels(metrics.api_error_kind(response.status)).inc()
-        try:
-            message = _status_message(response)
-        finally:
-            response.buffer.wipe()
-        raise _classify(response.status, message)
 
 
 class _Transient(Exception):

@@ -1,8 +1,9 @@
 """The CSI Node service: publish a Secret at a pod's target path, and take it away.
 
-NodePublishVolume goes: validate, check idempotency, read the Secret, add a
-volume directory to the node's FUSE filesystem, create the target directory,
-bind-mount the volume directory onto it read-only. Each step that changes
+NodePublishVolume goes: validate, check idempotency, send the request for
+the Secret, create the target directory while the API server answers, add a
+volume directory with the Secret's keys to the node's FUSE filesystem,
+bind-mount it onto the target read-only. Each step that changes
 the node registers its undo first, so a failure at any step unwinds the
 steps before it and leaves no mount, directory or buffer behind.
 """
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import itertools
 import logging
 import os
 import threading
@@ -28,7 +27,7 @@ from secretfs.fs.tree import Layout, Owner
 
 from . import mounts
 from .errors import CsiError
-from .kube import FetchError, SecretReader
+from .kube import FetchError, PendingRead, SecretReader
 from .pb import csi_pb2, csi_pb2_grpc
 from .validation import (
     POD_UID,
@@ -87,7 +86,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._lock = threading.Lock()
         self._published: dict[str, Publication] = {}  # by volume id
         self._inflight: set[str] = set()  # volume ids and targets being worked on
-        self._serial = itertools.count(1)
 
     # ---- information ----------------------------------------------------
 
@@ -202,9 +200,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _fetch(
         self, spec: PublishSpec, credentials: SecretBuffer | None
     ) -> dict[str, SecretBuffer]:
+        with self._reader.start(spec.namespace, spec.secret_name, credentials) as pending:
+            return self._files(pending, spec)
+
+    def _files(self, pending: PendingRead, spec: PublishSpec) -> dict[str, SecretBuffer]:
         """The volume's files, path to buffer: the Secret's keys, or its `items`."""
         try:
-            buffers = self._reader.read(spec.namespace, spec.secret_name, credentials)
+            buffers = pending.result()
         except FetchError as exc:
             if exc.code == grpc.StatusCode.NOT_FOUND and spec.optional:
                 return {}
@@ -254,32 +256,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _publish(
         self, spec: PublishSpec, host_target: str, credentials: SecretBuffer | None
     ) -> None:
-        files = self._fetch(spec, credentials)
-        # Unique per publication, so a name the kernel still caches from an
-        # earlier publication of the same volume can never reach this one.
-        digest = hashlib.sha256(spec.volume_id.encode()).hexdigest()[:32]
-        volume_dir = f"{digest}.{next(self._serial)}"
         with contextlib.ExitStack() as undo:
+            pending = undo.enter_context(
+                self._reader.start(spec.namespace, spec.secret_name, credentials)
+            )
+            # The target is made ready while the API server answers.
+            self._prepare_target(spec.target_path, host_target, undo)
+            files = self._files(pending, spec)
             # From here on the filesystem owns the buffers, and wipes them if this fails.
-            self._session.call(self._session.fs.add_volume, volume_dir, files, self._layout(spec))
-            undo.callback(self._remove_volume, volume_dir)
-            created = self._make_target(host_target)
-            for directory in reversed(created):
-                undo.callback(_rmdir_quietly, directory)
-            if not created:
-                # Only a target that was there already can hold a mount.
-                self._clear_stale_mount(host_target)
-                if os.path.islink(host_target) or not os.path.isdir(host_target):
-                    raise CsiError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"target {spec.target_path} exists and is not a directory",
-                    )
-                if os.listdir(host_target):
-                    # Unpublish would refuse to remove it: refuse to hide it.
-                    raise CsiError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"target {spec.target_path} is not empty",
-                    )
+            volume_dir = self._session.add_volume(files, self._layout(spec))
+            undo.callback(self._session.remove_volume, volume_dir)
             try:
                 mounts.bind_read_only(
                     os.path.join(self._session.mountpoint, volume_dir), host_target
@@ -292,9 +278,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         with self._lock:
             self._published[spec.volume_id] = Publication(spec, volume_dir)
 
-    def _remove_volume(self, volume_dir: str) -> None:
-        if self._session.alive:
-            self._session.call(self._session.fs.remove_volume, volume_dir)
+    def _prepare_target(
+        self, target_path: str, host_target: str, undo: contextlib.ExitStack
+    ) -> None:
+        """Make the target directory, or check that the one there can take the mount."""
+        created = self._make_target(host_target)
+        for directory in reversed(created):
+            undo.callback(_rmdir_quietly, directory)
+        if created:
+            return
+        # Only a target that was there already can hold a mount.
+        self._clear_stale_mount(host_target)
+        if os.path.islink(host_target) or not os.path.isdir(host_target):
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"target {target_path} exists and is not a directory",
+            )
+        if os.listdir(host_target):
+            # Unpublish would refuse to remove it: refuse to hide it.
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"target {target_path} is not empty"
+            )
 
     def _clear_stale_mount(self, target: str) -> None:
         """Remove a SecretFS mount left at `target` by an earlier run of the driver."""
@@ -312,11 +316,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _make_target(self, target: str) -> list[str]:
         """Create `target` and any missing parents; returns the directories created.
 
-        An existing target is left for the caller to inspect.
+        An existing target is left for the caller to inspect, and so is one
+        that cannot even be looked at: a dead FUSE mount answers ENOTCONN.
         """
         missing: list[str] = []
         path = target
-        while not os.path.lexists(path):
+        while _absent(path):
             missing.append(path)
             path = os.path.dirname(path)
         created: list[str] = []
@@ -368,7 +373,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             ) from None
 
     def _forget(self, publication: Publication) -> None:
-        self._remove_volume(publication.volume_dir)
+        self._session.remove_volume(publication.volume_dir)
         with self._lock:
             self._published.pop(publication.spec.volume_id, None)
 
@@ -473,6 +478,16 @@ def select_files(buffers: dict[str, SecretBuffer], spec: PublishSpec) -> dict[st
 
 def _unsupported(name: str) -> CsiError:
     return CsiError(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by SecretFS")
+
+
+def _absent(path: str) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def _rmdir_quietly(path: str) -> None:

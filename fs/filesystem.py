@@ -12,12 +12,24 @@ Rules every handler keeps:
   `_guarded`, logged and answered EIO, because an exception escaping a handler
   would end `pyfuse3.main()` and with it every volume on the node.
 * It never awaits: a handler runs start to finish on the FUSE thread, so
-  changes to the tree (made on the same thread through `FuseSession.call`)
+  the changes made on that thread (removal, rotation: `FuseSession.call`)
   never interleave with a request.
+* It reads the tree without a lock. The one change made from other threads,
+  adding a volume, becomes visible in a single step: the volume's inodes
+  are all known before its name is. Writers take `_changes`, and hold it
+  only for dictionary updates, never across a system call, so the FUSE
+  thread waits on it for microseconds at most.
 * It makes no system call that could touch the mount, and few at all: pod
   binding reads the caller's /proc/PID/cgroup on open, and while a CSI call
   is under way each request first yields the interpreter lock to it.
 * It never logs file contents, only inode numbers, sizes and counts.
+
+Spare directories: a bind mount of a volume directory the kernel has not
+seen yet costs a LOOKUP round trip through this process. `add_spare` makes
+an empty directory, root's only (0500), for the session to have the kernel
+look up ahead of need; `add_volume` then turns it into the volume's top
+directory, keeping its inode, and the caller tells the kernel to drop the
+spare's cached attributes. Spares are not listed.
 
 Rotation swaps a volume's whole file set in one step (`replace_volume`): the
 volume's top directory keeps its inode, which is what the target's bind
@@ -39,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -65,25 +78,34 @@ ROOT_TIMEOUT = 1.0
 
 
 class _Waiting:
-    """How many CSI calls are in progress; while any is, FUSE requests yield first."""
+    """How many CSI calls are in progress. While any is, FUSE requests yield
+    first, and work that can wait (see FuseSession) waits."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()
 
     @contextlib.contextmanager
     def during(self) -> Iterator[None]:
-        with self._lock:
+        with self._idle:
             self.count += 1
         try:
             yield
         finally:
-            with self._lock:
+            with self._idle:
                 self.count -= 1
+                if not self.count:
+                    self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        """Return once no call is in progress."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self.count)
 
 
 _calls_waiting = _Waiting()
 yield_to_calls = _calls_waiting.during
+wait_for_no_calls = _calls_waiting.wait_idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +178,9 @@ class SecretFS(pyfuse3.Operations):
     def __init__(self, binding: PodBinding | None = None) -> None:
         super().__init__()
         self.binding = binding  # None: any process the file modes allow may open
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._changes = threading.Lock()  # held by writers, see "Rules" above
+        self._inodes = itertools.count(pyfuse3.ROOT_INODE + 1)
+        self._inode_lock = threading.Lock()
         self._next_fh = 1
         now = time.time_ns()
         self._root = Directory(
@@ -164,41 +188,70 @@ class SecretFS(pyfuse3.Operations):
             make_attrs(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o700, 0, 0, 0, now, ROOT_TIMEOUT),
         )
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self._root}
+        self._spares: dict[bytes, Directory] = {}  # empty, unlisted: see add_spare
         self._files: dict[int, File] = {}  # open file handles
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # open directory handles
         # Rotated-out files that handles still read, by volume: see `retire`.
         self._lingering: dict[str, set[File]] = {}
 
-    # ---- changes, made on the FUSE thread only ------------------------------
+    # ---- changes ---------------------------------------------------------------
+    # add_spare and add_volume may run on any thread, the others on the FUSE
+    # thread only: they touch open handles, which only handlers count.
 
-    def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> None:
-        """Expose `files` under `/<name>`.
+    def add_spare(self, name: str) -> int:
+        """Make `/<name>`, an empty directory for `add_volume` to fill; returns its inode."""
+        key = name.encode()
+        inode = self._allocate_inode()
+        spare = Directory(inode, make_attrs(inode, stat.S_IFDIR | 0o500, 0, 0, 0, time.time_ns()))
+        with self._changes:
+            if key in self._root.entries:
+                raise FileExistsError(name)
+            self._nodes[inode] = spare
+            self._spares[key] = spare
+            self._root.entries[key] = spare
+        return inode
 
-        The filesystem owns the buffers from this call on, also when it fails:
-        it then wipes them.
+    def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> int:
+        """Expose `files` under `/<name>`; returns the inode of its top directory.
+
+        `/<name>` must not exist, or be a spare, which becomes the top
+        directory. The filesystem owns the buffers from this call on, also
+        when it fails: it then wipes them.
         """
         with _owning(files):
             key = name.encode()
-            if key in self._root.entries:
-                raise FileExistsError(name)
-            top = build_tree(files, layout, self._allocate_inode, time.time_ns())
-        for node in walk(top):
-            self._nodes[node.inode] = node
-        self._root.entries[key] = top
+            spare = self._spares.get(key)
+            top = build_tree(
+                files,
+                layout,
+                self._allocate_inode,
+                time.time_ns(),
+                top_inode=None if spare is None else spare.inode,
+            )
+            with self._changes:
+                if self._root.entries.get(key) is not spare:
+                    raise FileExistsError(name)
+                self._nodes.update((node.inode, node) for node in walk(top))
+                self._root.entries[key] = top
+                self._spares.pop(key, None)
+        return top.inode
 
     def remove_volume(self, name: str) -> bool:
         """Hide `/<name>` and wipe its buffers. False if there was no such volume."""
-        top = self._root.entries.pop(name.encode(), None)
+        key = name.encode()
+        with self._changes:
+            top = self._root.entries.pop(key, None)
+            spare = self._spares.pop(key, None)
+            nodes = list(walk(top)) if isinstance(top, Directory) else []
+            for node in nodes:
+                del self._nodes[node.inode]
         # Old versions still open since a rotation go with the volume.
         for file in self._lingering.pop(name, ()):
             file.buffer.wipe()
-        if not isinstance(top, Directory):
-            return False
-        for node in walk(top):
-            del self._nodes[node.inode]
+        for node in nodes:
             if isinstance(node, File):
                 node.buffer.wipe()
-        return True
+        return top is not None and top is not spare
 
     def replace_volume(
         self, name: str, files: Mapping[str, SecretBuffer], layout: Layout
@@ -221,17 +274,18 @@ class SecretFS(pyfuse3.Operations):
                 buffer.wipe()
             return None
         old = [node for node in walk(top) if node is not top]
-        for node in walk(fresh):
-            if node is not fresh:
-                self._nodes[node.inode] = node
+        with self._changes:
+            self._nodes.update((node.inode, node) for node in walk(fresh) if node is not fresh)
         rotation = Rotation(name, top.inode, list(top.entries), old)
         top.entries, top.listing = fresh.entries, fresh.listing
         return rotation
 
     def retire(self, rotation: Rotation) -> None:
         """Forget the files a rotation replaced; wipe those no handle still reads."""
+        with self._changes:
+            for node in rotation.replaced:
+                self._nodes.pop(node.inode, None)
         for node in rotation.replaced:
-            self._nodes.pop(node.inode, None)
             if isinstance(node, File):
                 node.retired = True
                 if node.handles == 0:
@@ -240,18 +294,18 @@ class SecretFS(pyfuse3.Operations):
                     self._lingering.setdefault(rotation.volume, set()).add(node)
 
     def remove_all(self) -> int:
-        names = [name.decode() for name in self._root.entries]
-        for name in names:
-            self.remove_volume(name)
-        return len(names)
+        """Remove every volume and spare; returns how many volumes there were."""
+        with self._changes:
+            names = [name.decode() for name in self._root.entries]
+        return sum(self.remove_volume(name) for name in names)
 
     def volume_names(self) -> list[str]:
-        return [name.decode() for name in self._root.entries]
+        with self._changes:
+            return [name.decode() for name in self._root.entries if name not in self._spares]
 
     def _allocate_inode(self) -> int:
-        inode = self._next_inode
-        self._next_inode += 1
-        return inode
+        with self._inode_lock:
+            return next(self._inodes)
 
     def _node(self, inode: int) -> Node:
         node = self._nodes.get(inode)
@@ -309,12 +363,15 @@ class SecretFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         # The root changes as volumes come and go, so each listing works on
         # a snapshot; a volume's own directories never change.
-        listing = (
-            sorted(directory.entries.items()) if directory is self._root else directory.listing
-        )
+        listing = directory.listing if directory is not self._root else self._root_listing()
         fh = self._new_fh()
         self._listings[fh] = listing
         return fh
+
+    def _root_listing(self) -> list[tuple[bytes, Node]]:
+        with self._changes:
+            entries = self._root.entries.items()
+            return sorted((name, node) for name, node in entries if name not in self._spares)
 
     @_guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

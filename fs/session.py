@@ -2,8 +2,13 @@
 
 pyfuse3 serves a single session per process, driven by trio. That loop gets
 a dedicated thread, the FUSE thread; everything else (gRPC calls, signals,
-mounts) runs elsewhere and reaches the filesystem only through `call`, which
-runs a function on the FUSE thread between two requests.
+mounts) runs elsewhere and reaches the filesystem through `call`, which runs
+a function on the FUSE thread between two requests. Adding a volume is the
+exception: it is built and added on the caller's thread (see SecretFS).
+
+A new volume's directory is one the kernel already knows: a thread of its
+own keeps a few spare directories made and looked up ahead of need, so the
+bind mount that follows a publish costs no round trip through this process.
 
 The split matters twice over. A system call that touches the mount (a bind
 mount of a source inside it, a stat, an umount) needs the FUSE thread to
@@ -13,8 +18,10 @@ FUSE thread can never interleave with a request being served.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -25,7 +32,7 @@ import pyfuse3
 import trio
 
 from .buffer import SecretBuffer
-from .filesystem import SecretFS
+from .filesystem import SecretFS, wait_for_no_calls
 from .tree import Layout
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,11 @@ T = TypeVar("T")
 
 # pyfuse3 starts one trio task per request in flight, up to this many.
 MAX_TASKS = 64
+
+# Spare volume directories kept looked up ahead of need. They are made only
+# while no CSI call is in progress, so as not to slow one down; publishes
+# that arrive faster than that get a new directory instead.
+SPARES = 16
 
 
 class FuseSession:
@@ -47,6 +59,10 @@ class FuseSession:
         self._prober = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fuse-probe")
         self._probe: concurrent.futures.Future[bool] | None = None
         self._probe_lock = threading.Lock()
+        self._names = itertools.count(1)  # volume directory names are never reused
+        self._spares: collections.deque[str] = collections.deque()
+        self._spares_low = threading.Condition()
+        self._stopping = False
 
     def start(self, timeout: float = 10.0) -> None:
         """Mount and start serving; raises what the mount raised."""
@@ -55,6 +71,7 @@ class FuseSession:
             raise TimeoutError(f"FUSE session at {self.mountpoint} did not start in {timeout}s")
         if self._error is not None:
             raise self._error
+        threading.Thread(target=self._keep_spares, name="fuse-spares", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -82,6 +99,32 @@ class FuseSession:
             raise RuntimeError("the FUSE session is not running")
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
+    def add_volume(self, files: Mapping[str, SecretBuffer], layout: Layout) -> str:
+        """Expose `files` as a new volume; returns its directory's name.
+
+        Runs on the caller's thread. The buffers belong to the filesystem
+        from here on, also when this fails.
+        """
+        with self._spares_low:
+            spare = self._spares.popleft() if self._spares else None
+            name = spare or self._new_name()
+            self._spares_low.notify()
+        inode = self.fs.add_volume(name, files, layout)
+        if spare is not None:
+            try:
+                # The kernel cached the spare's attributes (0500, root's):
+                # the volume's own take effect on the next access.
+                _forget(pyfuse3.invalidate_inode, inode, True)
+            except BaseException:
+                self.remove_volume(name)
+                raise
+        return name
+
+    def remove_volume(self, name: str) -> None:
+        """Hide volume `name` and wipe its buffers; nothing if there is no such volume."""
+        if self.alive:
+            self.call(self.fs.remove_volume, name)
+
     def rotate(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> bool:
         """Replace volume `name`'s files with `files`; False if they were the same.
 
@@ -105,6 +148,9 @@ class FuseSession:
 
     def stop(self) -> None:
         """Wipe every volume, stop serving and unmount. Safe to call twice."""
+        with self._spares_low:
+            self._stopping = True
+            self._spares_low.notify()
         if self._token is not None:
             try:
                 wiped = self.call(self.fs.remove_all)
@@ -116,6 +162,30 @@ class FuseSession:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+    def _new_name(self) -> str:
+        return str(next(self._names))
+
+    def _keep_spares(self) -> None:
+        """Keep SPARES spare directories made and cached by the kernel."""
+        while True:
+            with self._spares_low:
+                while len(self._spares) >= SPARES and not self._stopping:
+                    self._spares_low.wait()
+                if self._stopping:
+                    return
+                name = self._new_name()
+            wait_for_no_calls()
+            self.fs.add_spare(name)
+            try:
+                # The lookup that makes the kernel cache the directory: here,
+                # on a thread of its own, never on the FUSE thread.
+                os.stat(os.path.join(self.mountpoint, name))
+            except OSError as exc:
+                log.warning("no more spare directories: %s", exc.strerror)
+                return  # the session is gone
+            with self._spares_low:
+                self._spares.append(name)
 
     def _run(self) -> None:
         try:

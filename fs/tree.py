@@ -100,22 +100,27 @@ def make_attrs(
 
 
 def build_tree(
-    files: Mapping[str, SecretBuffer], layout: Layout, allocate: Callable[[], int], stamp_ns: int
+    files: Mapping[str, SecretBuffer],
+    layout: Layout,
+    allocate: Callable[[], int],
+    stamp_ns: int,
+    top_inode: int | None = None,
 ) -> Directory:
     """Build a volume's tree from relative paths (`a`, `dir/b`) to buffers.
 
-    Paths must already be validated; a collision between a file and a
-    directory of the same name is a programming error and raises ValueError.
+    The top directory gets `top_inode` if given. Paths must already be
+    validated; a collision between a file and a directory of the same name
+    is a programming error and raises ValueError.
     """
 
-    def new_dir() -> Directory:
-        inode = allocate()
+    def new_dir(inode: int | None = None) -> Directory:
+        inode = allocate() if inode is None else inode
         return Directory(
             inode,
             make_attrs(inode, stat.S_IFDIR | layout.dir_mode, 0, layout.uid, layout.gid, stamp_ns),
         )
 
-    top = new_dir()
+    top = new_dir(top_inode)
     for path, buffer in files.items():
         *parents, leaf = path.encode().split(b"/")
         parent = top

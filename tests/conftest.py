@@ -98,9 +98,9 @@ def _no_leftover_faults(api: FakeKubeAPI) -> Iterator[None]:
     api.clear_faults()
 
 
-def make_workdir() -> Path:
+def make_workdir(parent: str = "/tmp") -> Path:  # noqa: S108 - a fresh private folder
     """A private directory whose path an unprivileged reader can traverse."""
-    workdir = Path(tempfile.mkdtemp(prefix="secretfs-test-", dir="/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix="secretfs-test-", dir=parent))
     workdir.chmod(0o755)
     return workdir
 

@@ -27,6 +27,7 @@ import contextlib
 import json
 import re
 import socket
+import sys
 import ssl
 import subprocess
 import threading
@@ -381,9 +382,18 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     api: FakeKubeAPI
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up before its answer is written is no error of
+        # the server's (the driver drops a read when its publish fails early).
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffered: like Go's net/http, a response's headers and a body that fits
+    # the buffer leave in one write, so one TLS record, when the handler ends.
+    wbufsize = -1
     server: _Server
 
     def setup(self) -> None:
@@ -523,6 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.wfile.flush()  # a watcher sees the headers before any event
         with store.changed:
             if since == "0":
                 # No version: the current state as ADDED events, then changes.
