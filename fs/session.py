@@ -77,6 +77,12 @@ class FuseSession:
     def alive(self) -> bool:
         return self._thread.is_alive() and self._token is not None
 
+    @property
+    def spares_ready(self) -> int:
+        """Spare volume directories made and known to the kernel, waiting for a volume."""
+        with self._spares_low:
+            return len(self._spares)
+
     def responsive(self, timeout: float = 2.0) -> bool:
         """True if the mount answers a lookup within `timeout`.
 

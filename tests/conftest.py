@@ -98,7 +98,7 @@ def _no_leftover_faults(api: FakeKubeAPI) -> Iterator[None]:
     api.clear_faults()
 
 
-def make_workdir(parent: str = "/tmp") -> Path:  # noqa: S108 - a fresh private folder
+def make_workdir(parent: str = "/tmp") -> Path:
     """A private directory whose path an unprivileged reader can traverse."""
     workdir = Path(tempfile.mkdtemp(prefix="secretfs-test-", dir=parent))
     workdir.chmod(0o755)

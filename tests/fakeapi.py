@@ -27,9 +27,9 @@ import contextlib
 import json
 import re
 import socket
-import sys
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid

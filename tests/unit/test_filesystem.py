@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import stat
+import sys
+import threading
 from collections.abc import Coroutine
 from typing import Any
 
@@ -210,6 +212,69 @@ def test_a_directory_cannot_be_opened_as_a_file_nor_a_file_as_a_directory(fs: Se
 def test_adding_a_volume_under_a_taken_name_fails(fs: SecretFS) -> None:
     with pytest.raises(FileExistsError):
         fs.add_volume("vol", {}, Layout())
+
+
+def test_a_spare_is_root_only_unlisted_and_becomes_the_volumes_top_with_its_inode(
+    fs: SecretFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spare = fs.add_spare("7")
+    before = run(fs.lookup(ROOT, b"7", None))
+
+    assert before.st_ino == spare and stat.S_IMODE(before.st_mode) == 0o500
+    assert listing(fs, ROOT, monkeypatch) == [b"vol"] and fs.volume_names() == ["vol"]
+
+    layout = Layout(file_mode=0o440, dir_mode=0o550, gid=4321)
+    top = fs.add_volume("7", {"k": SecretBuffer.from_bytes(b"v")}, layout)
+    after = run(fs.getattr(spare, None))
+
+    assert top == spare and stat.S_IMODE(after.st_mode) == 0o550 and after.st_gid == 4321
+    assert run(fs.read(open_file(fs, "7", "k"), 0, 10)) == b"v"
+    assert listing(fs, ROOT, monkeypatch) == [b"7", b"vol"]
+
+
+def test_remove_all_counts_volumes_not_spares(fs: SecretFS) -> None:
+    fs.add_spare("s")
+
+    assert fs.remove_all() == 1
+    assert errno_of(fs.lookup(ROOT, b"s", None)) == errno.ENOENT
+
+
+def test_volumes_added_from_another_thread_appear_whole_to_handlers(
+    fs: SecretFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count, keys = 400, 100  # many files per volume: a long window for a torn update
+    done = threading.Event()
+    empty = SecretBuffer(0)
+
+    def add() -> None:
+        for i in range(count):
+            files = {f"k{j}": empty for j in range(keys)}
+            fs.add_volume(f"new-{i}", files, Layout())
+        done.set()
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *a: True)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    adder = threading.Thread(target=add)
+    adder.start()
+    try:
+        found = 0
+        while found < count:
+            # The next volume, looked up as the kernel does, without a lock:
+            # once its name resolves, so does every file in it.
+            try:
+                top = inode_of(fs, f"new-{found}")
+            except pyfuse3.FUSEError:
+                assert not done.is_set()
+                continue
+            assert all(inode_of(fs, f"new-{found}", f"k{j}") > top for j in range(keys))
+            run(fs.releasedir(run(fs.opendir(ROOT, None))))
+            found += 1
+    finally:
+        adder.join()
+        sys.setswitchinterval(interval)
+
+    assert sorted(fs.volume_names()) == sorted(["vol", *(f"new-{i}" for i in range(count))])
 
 
 def test_inode_numbers_are_never_reused(fs: SecretFS) -> None:

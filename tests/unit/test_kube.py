@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from secretfs.csi.kube import FetchError, SecretReader, connect
+from secretfs.fs.buffer import live_bytes
 from tests.conftest import DRIVER_USER
 from tests.fakeapi import FakeKubeAPI, Fault
 
@@ -147,3 +148,38 @@ def test_a_connection_with_bytes_beyond_the_response_is_never_reused(
 
     assert api.connections == before + 1  # the tainted connection was dropped
     assert bytes(reader.read("default", "db")["k"].view()) == b"v"
+
+
+def test_a_read_is_on_the_wire_before_its_result_is_asked_for(
+    reader: SecretReader, api: FakeKubeAPI
+) -> None:
+    api.set_secret("default", "db", {"k": b"v"})
+    path = "/namespaces/default/secrets/db"
+    before = api.count("GET", path)
+
+    with reader.start("default", "db") as pending:
+        deadline = time.monotonic() + 5
+        while api.count("GET", path) == before:
+            assert time.monotonic() < deadline, "the request was not sent"
+            time.sleep(0.01)
+        buffers = pending.result()
+
+    assert bytes(buffers["k"].view()) == b"v"
+    assert api.count("GET", path) == before + 1
+
+
+def test_a_dropped_read_wipes_its_request_and_never_reuses_its_connection(
+    reader: SecretReader, api: FakeKubeAPI
+) -> None:
+    api.set_secret("default", "db", {"k": b"v"})
+    reader.read("default", "db")
+    connections, held = api.connections, live_bytes()
+
+    with reader.start("default", "db"):
+        assert live_bytes() > held  # the request, token and all, is in a buffer
+    dropped = live_bytes()
+    buffers = reader.read("default", "db")
+
+    assert dropped == held
+    assert api.connections == connections + 1  # its answer may still be on the way
+    assert bytes(buffers["k"].view()) == b"v"
