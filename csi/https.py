@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 OP_CLEANSE_PLAINTEXT = getattr(ssl, "OP_CLEANSE_PLAINTEXT", 0x2)
 
 MAX_HEADER = 64 * 1024
-FIRST_READ = 16 * 1024
+# One page: a Secret's GET response usually fits; a larger one grows the buffer.
+FIRST_READ = 4096
 # A Secret holds at most 1 MiB of data: base64, JSON and metadata fit well within this.
 MAX_BODY = 8 * 1024 * 1024
 IDLE_CONNECTIONS = 4

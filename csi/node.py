@@ -149,7 +149,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         way must not carry a mount, or a removal, anywhere else.
         """
         parent, name = os.path.split(target)
-        real_parent = os.path.realpath(parent)
+        real_parent = _resolved(parent)
         if not (real_parent + "/").startswith(self._real_pods_dir + "/"):
             raise CsiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -478,6 +478,22 @@ def select_files(buffers: dict[str, SecretBuffer], spec: PublishSpec) -> dict[st
 
 def _unsupported(name: str) -> CsiError:
     return CsiError(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by SecretFS")
+
+
+def _resolved(directory: str) -> str:
+    """`directory` with every symlink on the way resolved.
+
+    The kernel does it in one open; a directory that does not exist yet
+    leaves it to realpath, which resolves the part that does.
+    """
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(directory)
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _absent(path: str) -> bool:

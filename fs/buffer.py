@@ -5,14 +5,14 @@ Lifecycle of a `SecretBuffer`::
     allocate ──fill──▶ sealed ──view()…──▶ wipe() ──▶ wiped (every use raises)
 
 * allocate: a private anonymous mapping of its own, never backed by a file,
-  excluded from core dumps (MADV_DONTDUMP) and locked into RAM (mlock) so
-  the kernel never writes it to swap.
+  excluded from core dumps (MADV_DONTDUMP) and locked into RAM so the kernel
+  never writes it to swap: by the process-wide mlockall that `serve` sets up
+  (see secretfs.fs.memory), or else by an mlock of its own.
 * fill: the publishing thread writes the decoded secret into it, once.
 * sealed: from then on it is only read, through zero-copy `memoryview`s.
-* wipe: the bytes are overwritten with zeros, the mapping is unlocked and
-  unmapped. A wiped buffer is not an empty buffer: `view()` raises
-  `WipedBufferError`, so a stale reference can never serve zeros as if they
-  were the secret.
+* wipe: the bytes are overwritten with zeros and the mapping is unmapped.
+  A wiped buffer is not an empty buffer: `view()` raises `WipedBufferError`,
+  so a stale reference can never serve zeros as if they were the secret.
 
 The buffer does no locking of its own. The filesystem mutates and reads its
 buffers on one thread only (the FUSE thread), so a wipe can never interleave
@@ -30,11 +30,12 @@ import os
 import sys
 import threading
 
+from . import memory
+
 log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -83,7 +84,7 @@ class SecretBuffer:
                 -1, _round_to_pages(size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
             )
             self._map.madvise(mmap.MADV_DONTDUMP)
-            self._locked = _lock(self._map)
+            self._locked = memory.all_locked() or _lock(self._map)
             _count(size)
 
     @classmethod
@@ -141,7 +142,7 @@ class SecretBuffer:
             self._map.move(dest, src, count)
 
     def wipe(self) -> None:
-        """Zero, unlock and unmap the buffer. Idempotent."""
+        """Zero and unmap the buffer (which unlocks it). Idempotent."""
         if self._wiped:
             return
         self._wiped = True
@@ -150,8 +151,6 @@ class SecretBuffer:
             return
         _count(-self._size)
         mapping[:] = bytes(len(mapping))
-        if self._locked:
-            _unlock(mapping)
         try:
             mapping.close()
         except BufferError:
@@ -209,8 +208,3 @@ def _lock(mapping: mmap.mmap) -> bool:
     err = ctypes.get_errno()
     log.debug("mlock of a secret buffer failed: %s", os.strerror(err or errno.ENOMEM))
     return False
-
-
-def _unlock(mapping: mmap.mmap) -> None:
-    address, length = _address(mapping)
-    _libc.munlock(address, length)

@@ -44,6 +44,13 @@ PERTURB_BYTE = 0xA5
 
 WIPING_TUNABLES = f"glibc.malloc.tcache_count=0:glibc.malloc.perturb={PERTURB_BYTE}"
 
+_all_locked = False
+
+
+def all_locked() -> bool:
+    """True once `lock_all_memory` has locked every page, present and future."""
+    return _all_locked
+
 
 class MemoryProtectionError(Exception):
     """Memory could not be protected as promised; the message says what to grant."""
@@ -76,7 +83,9 @@ def lock_all_memory(allow_unlocked: bool) -> bool:
     covers the whole address space; failing that, start-up stops unless the
     operator accepted unlocked memory.
     """
+    global _all_locked
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
+        _all_locked = True
         return True
     err = ctypes.get_errno()
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)

@@ -6,6 +6,7 @@ import mmap
 
 import pytest
 
+from secretfs.fs import buffer, memory
 from secretfs.fs.buffer import SecretBuffer, WipedBufferError, scrub_bytes
 
 
@@ -66,6 +67,18 @@ def test_buffers_are_locked_in_memory_when_the_memlock_limit_allows() -> None:
 
     expected = soft == resource.RLIM_INFINITY or soft >= 4096
     assert buffer.locked is expected
+
+
+def test_under_a_process_wide_lock_a_buffer_makes_no_lock_call_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(mapping: mmap.mmap) -> bool:
+        raise AssertionError("mlock called although every page is locked already")
+
+    monkeypatch.setattr(memory, "_all_locked", True)
+    monkeypatch.setattr(buffer, "_lock", refuse)
+
+    assert SecretBuffer.from_bytes(b"k" * 10).locked
 
 
 def test_scrub_bytes_zeroes_a_temporary_in_place() -> None:
