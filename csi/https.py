@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import select
 import socket
 import ssl
@@ -40,6 +41,9 @@ FIRST_READ = 4096
 # A Secret holds at most 1 MiB of data: base64, JSON and metadata fit well within this.
 MAX_BODY = 8 * 1024 * 1024
 IDLE_CONNECTIONS = 4
+
+# Control characters: in a header value they would end it, or the request.
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class HttpError(Exception):
@@ -161,7 +165,7 @@ class HttpsClient:
         ).encode()
         parts: list[bytes | memoryview] = [head]
         if authorization is not None:
-            if any(byte < 0x20 or byte == 0x7F for byte in authorization.view()):
+            if _CONTROL.search(authorization.view()):
                 raise ValueError("an Authorization value must not hold control characters")
             parts += [b"Authorization: ", authorization.view(), b"\r\n"]
         parts.append(b"\r\n")

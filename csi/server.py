@@ -83,11 +83,22 @@ def printable(value: str) -> str:
 class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
     """Logs every call once and turns CsiError and crashes into status codes."""
 
+    def __init__(self) -> None:
+        # The wrapped handler of each method we serve, made on its first call.
+        self._handlers: dict[str, Any] = {}
+
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        wrapped = self._handlers.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
+            return handler  # not ours (UNIMPLEMENTED), and not worth remembering
+        wrapped = self._handlers[details.method] = self._wrap(handler, details.method)
+        return wrapped
+
+    def _wrap(self, handler: Any, full_method: str) -> Any:
+        method = full_method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
 
         def logged(request: Any, context: grpc.ServicerContext) -> Any:

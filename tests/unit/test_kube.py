@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from secretfs.csi.kube import FetchError, SecretReader, connect
-from secretfs.fs.buffer import live_bytes
+from secretfs.fs.buffer import SecretBuffer, live_bytes
 from tests.conftest import DRIVER_USER
 from tests.fakeapi import FakeKubeAPI, Fault
 
@@ -183,3 +183,16 @@ def test_a_dropped_read_wipes_its_request_and_never_reuses_its_connection(
     assert dropped == held
     assert api.connections == connections + 1  # its answer may still be on the way
     assert bytes(buffers["k"].view()) == b"v"
+
+
+@pytest.mark.parametrize("value", [b"Bearer a\r\nX-Evil: 1", b"Bearer a\x00b", b"Bearer \x7f"])
+def test_an_authorization_value_with_a_control_character_is_never_sent(
+    reader: SecretReader, api: FakeKubeAPI, value: bytes
+) -> None:
+    api.set_secret("default", "db", {"k": b"v"})
+    before = api.count("GET", "/secrets/db")
+
+    with pytest.raises(ValueError, match="control characters"):
+        reader.read("default", "db", SecretBuffer.from_bytes(value))
+
+    assert api.count("GET", "/secrets/db") == before
