@@ -257,6 +257,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self, spec: PublishSpec, host_target: str, credentials: SecretBuffer | None
     ) -> None:
         with contextlib.ExitStack() as undo:
+            volume_dir = self._session.reserve()
+            undo.callback(self._session.release, volume_dir)
             pending = undo.enter_context(
                 self._reader.start(spec.namespace, spec.secret_name, credentials)
             )
@@ -264,7 +266,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             self._prepare_target(spec.target_path, host_target, undo)
             files = self._files(pending, spec)
             # From here on the filesystem owns the buffers, and wipes them if this fails.
-            volume_dir = self._session.add_volume(files, self._layout(spec))
+            self._session.add_volume(volume_dir, files, self._layout(spec))
             undo.callback(self._session.remove_volume, volume_dir)
             try:
                 mounts.bind_read_only(

@@ -79,33 +79,38 @@ ROOT_TIMEOUT = 1.0
 
 class _Waiting:
     """How many CSI calls are in progress. While any is, FUSE requests yield
-    first, and work that can wait (see FuseSession) waits."""
+    first; work that can wait for a quiet moment waits (see FuseSession)."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._idle = threading.Condition()
+        self._last_end = 0.0
+        self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def during(self) -> Iterator[None]:
-        with self._idle:
+        with self._changed:
             self.count += 1
         try:
             yield
         finally:
-            with self._idle:
+            with self._changed:
                 self.count -= 1
-                if not self.count:
-                    self._idle.notify_all()
+                self._last_end = time.monotonic()
+                self._changed.notify_all()
 
-    def wait_idle(self) -> None:
-        """Return once no call is in progress."""
-        with self._idle:
-            self._idle.wait_for(lambda: not self.count)
+    def wait_quiet(self, seconds: float) -> None:
+        """Return once no call has been in progress for `seconds`."""
+        with self._changed:
+            while True:
+                left = self._last_end + seconds - time.monotonic()
+                if not self.count and left <= 0:
+                    return
+                self._changed.wait(None if self.count else left)
 
 
 _calls_waiting = _Waiting()
 yield_to_calls = _calls_waiting.during
-wait_for_no_calls = _calls_waiting.wait_idle
+wait_for_quiet = _calls_waiting.wait_quiet
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +303,9 @@ class SecretFS(pyfuse3.Operations):
         with self._changes:
             names = [name.decode() for name in self._root.entries]
         return sum(self.remove_volume(name) for name in names)
+
+    def is_spare(self, name: str) -> bool:
+        return name.encode() in self._spares
 
     def volume_names(self) -> list[str]:
         with self._changes:

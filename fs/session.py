@@ -7,8 +7,10 @@ a function on the FUSE thread between two requests. Adding a volume is the
 exception: it is built and added on the caller's thread (see SecretFS).
 
 A new volume's directory is one the kernel already knows: a thread of its
-own keeps a few spare directories made and looked up ahead of need, so the
-bind mount that follows a publish costs no round trip through this process.
+own keeps spare directories made and looked up ahead of need, so the bind
+mount that follows a publish costs no round trip through this process. The
+thread works only while the driver is quiet: during a burst of publishes it
+would slow each one down by as much as it saves.
 
 The split matters twice over. A system call that touches the mount (a bind
 mount of a source inside it, a stat, an umount) needs the FUSE thread to
@@ -32,7 +34,7 @@ import pyfuse3
 import trio
 
 from .buffer import SecretBuffer
-from .filesystem import SecretFS, wait_for_no_calls
+from .filesystem import SecretFS, wait_for_quiet
 from .tree import Layout
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,14 @@ T = TypeVar("T")
 # pyfuse3 starts one trio task per request in flight, up to this many.
 MAX_TASKS = 64
 
-# Spare volume directories kept looked up ahead of need. They are made only
-# while no CSI call is in progress, so as not to slow one down; publishes
-# that arrive faster than that get a new directory instead.
-SPARES = 16
+# Spare volume directories kept looked up ahead of need: enough for a node
+# filling up at once (the kubelet runs at most 110 pods by default), at a
+# few hundred bytes each here and in the kernel. A burst beyond them gets new
+# directories, each a lookup slower to mount.
+SPARES = 256
+
+# Spares are made once no CSI call has been under way for this long.
+QUIET_SECONDS = 0.05
 
 
 class FuseSession:
@@ -105,18 +111,29 @@ class FuseSession:
             raise RuntimeError("the FUSE session is not running")
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
-    def add_volume(self, files: Mapping[str, SecretBuffer], layout: Layout) -> str:
-        """Expose `files` as a new volume; returns its directory's name.
+    def reserve(self) -> str:
+        """A name for a new volume: a spare's if one is ready. See `add_volume`, `release`."""
+        with self._spares_low:
+            self._spares_low.notify()
+            if self._spares:
+                return self._spares.popleft()
+            return self._new_name()
+
+    def release(self, name: str) -> None:
+        """Give back a reserved name that never became a volume."""
+        if self.fs.is_spare(name):
+            with self._spares_low:
+                self._spares.appendleft(name)
+
+    def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> None:
+        """Expose `files` as volume `name`, a name from `reserve`.
 
         Runs on the caller's thread. The buffers belong to the filesystem
         from here on, also when this fails.
         """
-        with self._spares_low:
-            spare = self._spares.popleft() if self._spares else None
-            name = spare or self._new_name()
-            self._spares_low.notify()
+        spare = self.fs.is_spare(name)
         inode = self.fs.add_volume(name, files, layout)
-        if spare is not None:
+        if spare:
             try:
                 # The kernel cached the spare's attributes (0500, root's):
                 # the volume's own take effect on the next access.
@@ -124,7 +141,6 @@ class FuseSession:
             except BaseException:
                 self.remove_volume(name)
                 raise
-        return name
 
     def remove_volume(self, name: str) -> None:
         """Hide volume `name` and wipe its buffers; nothing if there is no such volume."""
@@ -178,10 +194,11 @@ class FuseSession:
             with self._spares_low:
                 while len(self._spares) >= SPARES and not self._stopping:
                     self._spares_low.wait()
+            wait_for_quiet(QUIET_SECONDS)
+            with self._spares_low:
                 if self._stopping:
                     return
                 name = self._new_name()
-            wait_for_no_calls()
             self.fs.add_spare(name)
             try:
                 # The lookup that makes the kernel cache the directory: here,

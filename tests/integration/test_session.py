@@ -52,7 +52,8 @@ def test_a_volume_binds_without_a_lookup_and_shows_its_own_modes_at_once(
 
     monkeypatch.setattr(session.fs, "lookup", counting)
     layout = Layout(file_mode=0o440, dir_mode=0o550, gid=4321)
-    name = session.add_volume({"k": SecretBuffer.from_bytes(b"v")}, layout)
+    name = session.reserve()
+    session.add_volume(name, {"k": SecretBuffer.from_bytes(b"v")}, layout)
     target = tmp_path / "target"
     target.mkdir()
 
@@ -67,22 +68,36 @@ def test_a_volume_binds_without_a_lookup_and_shows_its_own_modes_at_once(
         session.remove_volume(name)
 
 
-def test_spares_are_made_only_while_no_call_is_under_way(session: FuseSession) -> None:
+def test_spares_are_made_only_when_calls_pause_and_a_burst_beyond_them_gets_new_names(
+    session: FuseSession,
+) -> None:
     wait_for_spares(session)
-    layout = Layout()
-    names = []
     with yield_to_calls():
-        for _ in range(SPARES + 2):  # more than there are spares
-            names.append(session.add_volume({"k": SecretBuffer.from_bytes(b"x")}, layout))
+        names = [session.reserve() for _ in range(SPARES + 2)]  # more than there are spares
         time.sleep(0.1)
         waiting = session.spares_ready
+    for name in names:
+        session.add_volume(name, {"k": SecretBuffer.from_bytes(name.encode())}, Layout())
 
     try:
-        assert waiting == 0
+        assert waiting == 0 and len(set(names)) == len(names)
         assert sorted(session.fs.volume_names()) == sorted(names)
         for name in names:
-            assert Path(session.mountpoint, name, "k").read_bytes() == b"x"
+            assert Path(session.mountpoint, name, "k").read_bytes() == name.encode()
         wait_for_spares(session)
     finally:
         for name in names:
             session.remove_volume(name)
+
+
+def test_a_reserved_name_given_back_unused_is_the_next_one_handed_out(
+    session: FuseSession,
+) -> None:
+    wait_for_spares(session)
+    name = session.reserve()
+
+    session.release(name)
+
+    assert session.spares_ready == SPARES
+    assert session.reserve() == name
+    session.release(name)
