@@ -9,7 +9,10 @@ is the median over N runs of the whole suite.
 1. Publish and unpublish latency, p50 and p99 over 300 volumes, one at a
    time and 16 at a time, against the stand-in API server over HTTPS on
    loopback. Calls go over one kept-open gRPC channel, so the figures are
-   the driver's own cost, not the client's connection set-up.
+   the driver's own cost, not the client's connection set-up. Beside them,
+   three floors a publish cannot go below, measured in the same run: a
+   gRPC call that does nothing (NodeGetInfo), a GET of the Secret by the
+   driver's own HTTPS client, and a mkdir of a target in the same folder.
 2. Reads: open+read+close of a 64-byte and a 4 KiB secret by 1 and 2 reader
    processes (a C loop, inside the pod's cgroup: pod binding is on), on
    the product, on tmpfs, and on bench/minifuse.c, a minimal C libfuse
@@ -45,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
+from secretfs.csi.kube import SecretReader, connect  # noqa: E402
 from secretfs.csi.pb import csi_pb2  # noqa: E402
+from secretfs.fs.buffer import SecretBuffer  # noqa: E402
 from tests.conftest import make_workdir, remove_workdir  # noqa: E402
 from tests.fakeapi import FakeKubeAPI  # noqa: E402
 from tests.harness import Driver, Kubelet, in_pod_command, pod_cgroup, remove_test_cgroups  # noqa: E402
@@ -99,8 +104,15 @@ class Bench:
             kubelet = Kubelet(driver, namespace="bench")
             node = driver.node
             serial = [kubelet.volume("db") for _ in range(300)]
-            publish = [timed(node.NodePublishVolume, v.request) for v in serial]
+            # The mkdir floor is taken between publishes, in pod folders beside
+            # theirs: what a mkdir costs here depends on the filesystem's state.
+            beside = [kubelet.volume("db") for _ in range(300)]
+            publish, mkdirs = [], []
+            for volume, other in zip(serial, beside, strict=True):
+                mkdirs.append(timed_mkdir(other.target))
+                publish.append(timed(node.NodePublishVolume, volume.request))
             unpublish = [timed(node.NodeUnpublishVolume, unpublish_request(v)) for v in serial]
+            noop = [timed(node.NodeGetInfo, csi_pb2.NodeGetInfoRequest()) for _ in range(300)]
             parallel = [kubelet.volume("db") for _ in range(300)]
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 concurrent_publish = list(
@@ -117,7 +129,27 @@ class Bench:
             "publish_serial": ms(publish),
             "publish_16_concurrent": ms(concurrent_publish),
             "unpublish_serial": ms(unpublish),
+            "floor_grpc_noop": ms(noop),
+            "floor_api_get": ms(self.api_gets(300)),
+            "floor_mkdir_target": ms(mkdirs),
         }
+
+    def api_gets(self, count: int) -> list[float]:
+        client, credentials = connect(str(self.kubeconfig))
+        reader = SecretReader(client, credentials)
+        token = SecretBuffer.from_bytes(f"Bearer {self.token}".encode())
+        latencies = []
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                buffers = reader.read("bench", "db", token)
+                latencies.append(time.perf_counter() - start)
+                for buffer in buffers.values():
+                    buffer.wipe()
+        finally:
+            token.wipe()
+            client.close()
+        return latencies
 
     # ---- 2. reads --------------------------------------------------------
 
@@ -273,6 +305,12 @@ class Bench:
 def timed(call: Callable[..., Any], request: Any) -> float:
     start = time.perf_counter()
     call(request, timeout=60)
+    return time.perf_counter() - start
+
+
+def timed_mkdir(path: Path) -> float:
+    start = time.perf_counter()
+    path.mkdir(0o750)
     return time.perf_counter() - start
 
 

@@ -84,28 +84,31 @@ class _Waiting:
     def __init__(self) -> None:
         self.count = 0
         self._last_end = 0.0
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def during(self) -> Iterator[None]:
-        with self._changed:
+        with self._lock:
             self.count += 1
         try:
             yield
         finally:
-            with self._changed:
+            with self._lock:
                 self.count -= 1
                 self._last_end = time.monotonic()
-                self._changed.notify_all()
 
     def wait_quiet(self, seconds: float) -> None:
-        """Return once no call has been in progress for `seconds`."""
-        with self._changed:
-            while True:
+        """Return once no call has been in progress for `seconds`.
+
+        It polls rather than being woken, so that the end of a call, when
+        its answer is on the way out, wakes no other thread.
+        """
+        while True:
+            with self._lock:
                 left = self._last_end + seconds - time.monotonic()
                 if not self.count and left <= 0:
                     return
-                self._changed.wait(None if self.count else left)
+            time.sleep(max(left, seconds / 4))
 
 
 _calls_waiting = _Waiting()
