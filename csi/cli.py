@@ -185,13 +185,14 @@ def serve(args: argparse.Namespace) -> int:
     from secretfs.csi import metrics, mounts
     from secretfs.csi.identity import IdentityService
     from secretfs.csi.kube import SecretReader, connect
-    from secretfs.csi.node import Auth, NodeService
+    from secretfs.csi.node import TARGET_DIR_MODE, Auth, NodeService
     from secretfs.csi.server import claim_socket
     from secretfs.csi.server import serve as serve_grpc
+    from secretfs.csi.targets import TargetPool
     from secretfs.fs.binding import PodBinding, cgroup2_mount
     from secretfs.fs.buffer import live_bytes
-    from secretfs.fs.filesystem import SecretFS
-    from secretfs.fs.session import FuseSession
+    from secretfs.fs.filesystem import SecretFS, wait_for_quiet
+    from secretfs.fs.session import QUIET_SECONDS, FuseSession
 
     if os.geteuid() != 0:
         raise StartupError("serve needs root: it mounts a FUSE filesystem and bind mounts")
@@ -226,7 +227,13 @@ def serve(args: argparse.Namespace) -> int:
         raise StartupError(f"cannot mount the FUSE filesystem at {state_dir}: {exc}") from None
 
     auth = Auth(args.auth_mode, args.token_audience, pod_binding=binding is not None)
-    node = NodeService(args.node_id, os.path.abspath(args.kubelet_dir), session, reader, auth)
+    kubelet_dir = os.path.abspath(args.kubelet_dir)
+    targets = TargetPool(
+        os.path.join(kubelet_dir, "plugins", args.driver_name, "targets"),
+        TARGET_DIR_MODE,
+        lambda: wait_for_quiet(QUIET_SECONDS),
+    )
+    node = NodeService(args.node_id, kubelet_dir, session, reader, auth, targets)
     identity = IdentityService(
         args.driver_name,
         lambda: session.alive and mounts.is_mountpoint(state_dir) and session.responsive(),
@@ -257,6 +264,11 @@ def serve(args: argparse.Namespace) -> int:
             server.stop(grace=0)
             session.stop()
             raise StartupError(f"cannot serve HTTP on {address}: {exc}") from None
+    try:
+        targets.start()
+    except OSError as exc:
+        log.warning("no target directories made ahead (%s); each publish makes its own", exc)
+        targets.close()
     log.info(
         "secretfs %s ready: driver %s on node %s, auth mode %s, pod binding %s",
         __version__,
@@ -274,6 +286,7 @@ def serve(args: argparse.Namespace) -> int:
 
     reader.cancel()  # publishes waiting to retry the API give up now
     server.stop(grace=5).wait()
+    targets.close()
     session.stop()
     _remove_socket(args.endpoint)
     log.info("stopped; the %d volumes published at the time are wiped", node.published_count())

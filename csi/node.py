@@ -29,6 +29,7 @@ from . import mounts
 from .errors import CsiError
 from .kube import FetchError, PendingRead, SecretReader
 from .pb import csi_pb2, csi_pb2_grpc
+from .targets import TargetPool
 from .validation import (
     POD_UID,
     SA_TOKENS,
@@ -74,8 +75,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         session: FuseSession,
         reader: SecretReader,
         auth: Auth,
+        targets: TargetPool | None = None,
     ) -> None:
         self._node_id = node_id
+        self._targets = targets
         self._auth = auth
         self._pods_dir = os.path.join(kubelet_dir, "pods")
         # Where those paths really are: mountinfo records resolved paths.
@@ -321,6 +324,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         An existing target is left for the caller to inspect, and so is one
         that cannot even be looked at: a dead FUSE mount answers ENOTCONN.
         """
+        if self._targets is not None and self._targets.take(target):
+            return [target]
         missing: list[str] = []
         path = target
         while _absent(path):

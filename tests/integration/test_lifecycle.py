@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import time
 
 import grpc
 import pytest
@@ -121,3 +122,26 @@ def test_json_logs_are_one_object_per_line_with_the_calls_fields(new_driver: Dri
     assert len(publish) == 1
     assert publish[0]["code"] == "OK" and publish[0]["volume_id"] == volume.volume_id
     assert publish[0]["pod"] == "default/app"
+
+
+def test_targets_are_directories_made_ahead_and_none_outlives_the_driver(
+    new_driver: Driver,
+) -> None:
+    driver = new_driver.start()
+    pool = driver.kubelet_dir / "plugins" / "secretfs.csi.io" / "targets"
+    deadline = time.monotonic() + 10
+    while not (pool / "1").exists():
+        assert time.monotonic() < deadline, "no target directory made ahead"
+        time.sleep(0.01)
+    kubelet = Kubelet(driver)
+    volume = kubelet.volume("db")
+
+    kubelet.publish(volume)
+
+    assert not (pool / "1").exists()  # moved: it is the target now
+    with in_pod(volume.pod_uid), open(volume.target / "password", "rb") as f:
+        assert f.read() == b"hunter2"
+    kubelet.unpublish(volume)
+    assert not os.path.lexists(volume.target)
+    assert driver.stop() == 0
+    assert list(pool.iterdir()) == []

@@ -62,7 +62,7 @@ def test_the_daemonset_runs_everywhere_with_fuse_mounts_memory_locking_and_host_
     assert {"operator": "Exists"} in pod["tolerations"]
     assert driver["securityContext"]["privileged"] is True
     assert "IPC_LOCK" in driver["securityContext"]["capabilities"]["add"]
-    assert mounts["/var/lib/kubelet/pods"]["mountPropagation"] == "Bidirectional"
+    assert mounts["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
     assert "/dev/fuse" in mounts and "/csi" in mounts
     assert {"requests", "limits"} <= driver["resources"].keys()
     assert driver["livenessProbe"]["httpGet"]["path"] == "/healthz"

@@ -1,0 +1,98 @@
+"""TargetPool: target directories made ahead and moved into place."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from secretfs.csi.targets import TargetPool
+
+SIZE = 4
+
+
+def wait_until_ready(pool: TargetPool, count: int = SIZE) -> None:
+    deadline = time.monotonic() + 5
+    while pool.ready < count:
+        assert time.monotonic() < deadline, f"{pool.ready} ready after 5 s"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[TargetPool]:
+    pool = TargetPool(str(tmp_path / "pool"), 0o750, lambda: None, size=SIZE).start()
+    wait_until_ready(pool)
+    yield pool
+    pool.close()
+
+
+def test_start_clears_what_an_earlier_run_left_and_fills_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "pool" / "old").mkdir(parents=True)
+    pool = TargetPool(str(tmp_path / "pool"), 0o750, lambda: None, size=SIZE).start()
+    try:
+        wait_until_ready(pool)
+        made = sorted((tmp_path / "pool").iterdir())
+        assert "old" not in [p.name for p in made] and len(made) == SIZE
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o750 for p in made)
+        assert stat.S_IMODE((tmp_path / "pool").stat().st_mode) == 0o700
+    finally:
+        pool.close()
+
+    assert list((tmp_path / "pool").iterdir()) == []
+
+
+def test_a_ready_directory_is_moved_to_the_target_and_replaced(
+    pool: TargetPool, tmp_path: Path
+) -> None:
+    first = tmp_path / "pool" / "1"
+    inode = first.stat().st_ino
+    target = tmp_path / "pod" / "mount"
+    target.parent.mkdir()
+
+    assert pool.take(str(target))
+
+    assert target.stat().st_ino == inode and not first.exists()
+    wait_until_ready(pool)
+
+
+@pytest.mark.parametrize("existing", ["directory", "file"])
+def test_an_existing_target_is_never_replaced(
+    pool: TargetPool, tmp_path: Path, existing: str
+) -> None:
+    target = tmp_path / "mount"
+    if existing == "directory":
+        target.mkdir()
+    else:
+        target.write_text("mine")
+    inode = target.stat().st_ino
+
+    assert not pool.take(str(target))
+
+    assert target.stat().st_ino == inode
+    assert (tmp_path / "pool" / "1").is_dir() and pool.ready >= SIZE  # given back
+
+
+def test_a_target_whose_parent_is_missing_is_left_to_the_caller(
+    pool: TargetPool, tmp_path: Path
+) -> None:
+    assert not pool.take(str(tmp_path / "no" / "such" / "mount"))
+    assert (tmp_path / "pool" / "1").is_dir() and pool.ready >= SIZE  # given back
+
+
+def test_a_target_on_another_mount_turns_the_pool_off(pool: TargetPool, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "other", str(other)], check=True)
+    try:
+        assert not pool.take(str(other / "mount"))
+        assert not pool.take(str(tmp_path / "mount"))  # off for good
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+    assert pool.ready == 0 and list((tmp_path / "pool").iterdir()) == []
+    assert not os.path.exists(other / "mount")
