@@ -10,9 +10,10 @@ is the median over N runs of the whole suite.
    time and 16 at a time, against the stand-in API server over HTTPS on
    loopback. Calls go over one kept-open gRPC channel, so the figures are
    the driver's own cost, not the client's connection set-up. Beside them,
-   three floors a publish cannot go below, measured in the same run: a
-   gRPC call that does nothing (NodeGetInfo), a GET of the Secret by the
-   driver's own HTTPS client, and a mkdir of a target in the same folder.
+   what the parts of a publish cost on their own, in the same run: a gRPC
+   call that does nothing (NodeGetInfo), a GET of the Secret by the driver's
+   own HTTPS client, and a mkdir of a target beside the publishes' own (what
+   each would pay without the directories the driver makes ahead).
 2. Reads: open+read+close of a 64-byte and a 4 KiB secret by 1 and 2 reader
    processes (a C loop, inside the pod's cgroup: pod binding is on), on
    the product, on tmpfs, and on bench/minifuse.c, a minimal C libfuse
