@@ -1,11 +1,12 @@
 """The CSI Node service: publish a Secret at a pod's target path, and take it away.
 
 NodePublishVolume goes: validate, check idempotency, send the request for
-the Secret, create the target directory while the API server answers, add a
-volume directory with the Secret's keys to the node's FUSE filesystem,
-bind-mount it onto the target read-only. Each step that changes
-the node registers its undo first, so a failure at any step unwinds the
-steps before it and leaves no mount, directory or buffer behind.
+the Secret, make the target directory (or move one made ahead into place,
+see secretfs.csi.targets) while the API server answers, add a volume
+directory with the Secret's keys to the node's FUSE filesystem, bind-mount
+it onto the target read-only. Each step that changes the node registers its
+undo first, so a failure at any step unwinds the steps before it and leaves
+no mount, directory or buffer behind.
 """
 
 from __future__ import annotations

@@ -205,7 +205,8 @@ class FuseSession:
                 # on a thread of its own, never on the FUSE thread.
                 os.stat(os.path.join(self.mountpoint, name))
             except OSError as exc:
-                log.warning("no more spare directories: %s", exc.strerror)
+                if not self._stopping:
+                    log.warning("no more spare directories: %s", exc.strerror)
                 return  # the session is gone
             with self._spares_low:
                 self._spares.append(name)
