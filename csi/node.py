@@ -66,6 +66,10 @@ PUBLISH_CONCURRENCY = 24
 class Publication:
     spec: PublishSpec
     volume_dir: str  # the volume's directory name inside the FUSE filesystem
+    # Parents of the target that the driver made because they were missing
+    # (the kubelet normally makes them), outermost first: unpublish removes
+    # those that are empty again.
+    made_parents: tuple[str, ...] = ()
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
@@ -267,7 +271,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 self._reader.start(spec.namespace, spec.secret_name, credentials)
             )
             # The target is made ready while the API server answers.
-            self._prepare_target(spec.target_path, host_target, undo)
+            created = self._prepare_target(spec.target_path, host_target, undo)
             files = self._files(pending, spec)
             # From here on the filesystem owns the buffers, and wipes them if this fails.
             self._session.add_volume(volume_dir, files, self._layout(spec))
@@ -281,18 +285,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     grpc.StatusCode.INTERNAL, f"mounting volume {spec.volume_id}: {exc.strerror}"
                 ) from None
             undo.pop_all()
+        publication = Publication(spec, volume_dir, tuple(d for d in created if d != host_target))
         with self._lock:
-            self._published[spec.volume_id] = Publication(spec, volume_dir)
+            self._published[spec.volume_id] = publication
 
     def _prepare_target(
         self, target_path: str, host_target: str, undo: contextlib.ExitStack
-    ) -> None:
-        """Make the target directory, or check that the one there can take the mount."""
+    ) -> list[str]:
+        """Make the target directory, or check that the one there can take the mount.
+
+        Returns the directories made, outermost first.
+        """
         created = self._make_target(host_target)
         for directory in reversed(created):
             undo.callback(_rmdir_quietly, directory)
         if created:
-            return
+            return created
         # Only a target that was there already can hold a mount.
         self._clear_stale_mount(host_target)
         if os.path.islink(host_target) or not os.path.isdir(host_target):
@@ -305,6 +313,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise CsiError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"target {target_path} is not empty"
             )
+        return []
 
     def _clear_stale_mount(self, target: str) -> None:
         """Remove a SecretFS mount left at `target` by an earlier run of the driver."""
@@ -370,6 +379,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if holder is not None:
                 self._forget(holder)
             self._remove_target(host_target)
+            for directory in reversed(holder.made_parents if holder is not None else ()):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    break  # not empty, or gone: the rest is someone else's
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _unmount(self, target: str) -> None:

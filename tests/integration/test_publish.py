@@ -381,3 +381,20 @@ def test_a_target_holding_files_is_refused_and_left_as_it_was(
 
     assert (volume.target / "stray").read_text() == "not ours"
     assert mounts_below(volume.target) == [] and volume_dirs(driver) == before
+
+
+def test_parents_the_driver_had_to_make_go_at_unpublish_and_no_further(
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
+    volume = kubelet.volume("db")
+    pod = volume.target.parents[3]  # .../pods/<uid>: the kubelet made that much
+    shutil.rmtree(pod / "volumes")
+    (pod / "keep").mkdir()
+
+    kubelet.publish(volume)
+    # The folders the driver made are root's (0750): read as root, from the pod.
+    with in_pod(volume.pod_uid), open(volume.target / "password", "rb") as f:
+        assert f.read() == db["password"]
+    kubelet.unpublish(volume)
+
+    assert sorted(p.name for p in pod.iterdir()) == ["keep"]
