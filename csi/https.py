@@ -45,6 +45,10 @@ IDLE_CONNECTIONS = 4
 # Control characters: in a header value they would end it, or the request.
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
+_DIGITS = re.compile(r"[0-9]{1,12}")
+# A chunk's size in hex, and extensions we ignore.
+_CHUNK_SIZE = re.compile(rb"([0-9a-fA-F]{1,8})(?:;[^\r\n]*)?")
+
 
 class HttpError(Exception):
     """The exchange failed at the transport level (connect, TLS, framing, timeout)."""
@@ -123,6 +127,12 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def cut(self) -> None:
+        """Shut the socket down under a thread that may be reading it: the
+        read fails at once. The TLS layer is left alone (it is that thread's)."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
 
 class HttpsClient:
     """GETs over a small pool of keep-alive connections to one server."""
@@ -131,6 +141,8 @@ class HttpsClient:
         self._server = server
         self._user_agent = user_agent
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()  # carrying an exchange
+        self._closed = False
         self._lock = threading.Lock()
 
     def get(self, path: str, authorization: SecretBuffer | None, timeout: float) -> Response:
@@ -152,10 +164,17 @@ class HttpsClient:
         return exchange
 
     def close(self) -> None:
+        """Close the idle connections and cut the busy ones short: their
+        exchanges fail at once instead of waiting for their answers. No
+        exchange starts after this."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
         for connection in idle:
             connection.close()
+        for connection in busy:
+            connection.cut()
 
     def _request(self, path: str, authorization: SecretBuffer | None) -> SecretBuffer:
         """The request's bytes, in a buffer of their own: they may carry a token."""
@@ -179,6 +198,8 @@ class HttpsClient:
     def _connection(self, deadline: float) -> _Connection:
         while True:
             with self._lock:
+                if self._closed:
+                    raise HttpError("the client is closed")
                 if not self._idle:
                     break
                 connection = self._idle.pop()
@@ -195,6 +216,13 @@ class HttpsClient:
             raise HttpError(
                 f"connecting to {self._server.host}:{self._server.port}: {exc}"
             ) from None
+
+    def _carrying(self, connection: _Connection, busy: bool) -> None:
+        with self._lock:
+            if busy:
+                self._busy.add(connection)
+            else:
+                self._busy.discard(connection)
 
     def _release(self, connection: _Connection) -> None:
         with self._lock:
@@ -223,6 +251,7 @@ class Exchange:
                 self._retry_or_raise(connection, exc)
                 continue
             self._connection = connection
+            self._client._carrying(connection, True)
             return
 
     def response(self) -> Response:
@@ -236,10 +265,12 @@ class Exchange:
                     response, keep = _receive(connection, self._deadline)
                 except (OSError, HttpError) as exc:
                     self._connection = None
+                    self._client._carrying(connection, False)
                     self._retry_or_raise(connection, exc)
                     self.send()
                     continue
                 self._connection = None
+                self._client._carrying(connection, False)
                 if keep:
                     self._client._release(connection)
                 else:
@@ -252,6 +283,7 @@ class Exchange:
         """End the exchange without reading its response. Idempotent."""
         if self._connection is not None:
             # The answer may still arrive: the connection can carry nothing else.
+            self._client._carrying(self._connection, False)
             self._connection.close()
             self._connection = None
         self._request.wipe()
@@ -272,10 +304,10 @@ def _receive(connection: _Connection, deadline: float) -> tuple[Response, bool]:
         if headers.get("transfer-encoding", "").lower() == "chunked":
             end = reader.dechunk(body_start)
         else:
-            length = int(headers.get("content-length", "-1"))
-            if length < 0:
-                raise HttpError("response has neither Content-Length nor chunked encoding")
-            end = reader.fill_to(body_start + length)
+            length = headers.get("content-length", "")
+            if not _DIGITS.fullmatch(length):
+                raise HttpError("response has neither a valid Content-Length nor chunked encoding")
+            end = reader.fill_to(body_start + int(length))
     except BaseException:
         reader.buffer.wipe()
         raise
@@ -328,13 +360,17 @@ class _Reader:
         # Headers carry no secret: decoding them into Python objects is fine.
         lines = bytes(self.buffer.view(0, end)).decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
-        if not version.startswith("HTTP/1."):
-            raise HttpError(f"not an HTTP/1.x response: {lines[0][:40]!r}")
+        if not version.startswith("HTTP/1.") or not _DIGITS.fullmatch(rest[:3]):
+            raise HttpError("not an HTTP/1.x response")
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         return int(rest[:3]), headers, end + 4
+
+    def _expect_crlf(self, at: int) -> None:
+        if self.buffer.find(b"\r\n", at, at + 2) != at:
+            raise HttpError("malformed chunked encoding")
 
     def fill_to(self, end: int) -> int:
         if end > len(self.buffer):
@@ -350,13 +386,19 @@ class _Reader:
         while True:
             while (line_end := self._find(b"\r\n", pos)) < 0:
                 self._receive()
-            size_text = bytes(self.buffer.view(pos, line_end - pos)).split(b";")[0]
-            size = int(size_text, 16)
+            # The size line holds no secret when the framing is right, and may
+            # hold any part of the body when it is not: never put it in an error.
+            match = _CHUNK_SIZE.fullmatch(self.buffer.view(pos, line_end - pos))
+            if match is None:
+                raise HttpError("malformed chunked encoding")
+            size = int(match[1], 16)
             data = line_end + 2
             if size == 0:
                 self.fill_to(data + 2)  # the final CRLF (no trailers from the API server)
+                self._expect_crlf(data)
                 return out
             self.fill_to(data + size + 2)
+            self._expect_crlf(data + size)
             self.buffer.move(out, data, size)
             out += size
             pos = data + size + 2

@@ -79,7 +79,8 @@ class SecretReader:
         self._stopping = threading.Event()
 
     def cancel(self) -> None:
-        """Stop retrying: reads waiting for their next attempt give up now."""
+        """Give up every read: those waiting for an answer or their next attempt
+        fail now, with UNAVAILABLE, and no new one starts."""
         self._stopping.set()
         self._client.close()
 
@@ -181,6 +182,8 @@ class PendingRead:
                 exchange, self._exchange = self._exchange, None
                 response = reader._response(exchange)
             except _Transient as exc:
+                if reader._stopping.is_set():
+                    raise _shutting_down(what) from None
                 pause = delay * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not crypto
                 if time.monotonic() + pause >= self._deadline:
                     raise FetchError(
@@ -190,9 +193,7 @@ class PendingRead:
                     ) from None
                 log.info("reading %s failed (%s); retry %d in %.2fs", what, exc, attempt, pause)
                 if reader._stopping.wait(pause):
-                    raise FetchError(
-                        grpc.StatusCode.UNAVAILABLE, f"{what}: the driver is shutting down"
-                    ) from None
+                    raise _shutting_down(what) from None
                 delay = min(delay * 2, _MAX_DELAY)
                 continue
             except _Refused as exc:
@@ -201,6 +202,10 @@ class PendingRead:
                 return decode_secret(response.body(), what)
             finally:
                 response.buffer.wipe()
+
+
+def _shutting_down(what: str) -> FetchError:
+    return FetchError(grpc.StatusCode.UNAVAILABLE, f"{what}: the driver is shutting down")
 
 
 class _Transient(Exception):

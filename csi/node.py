@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 
 from secretfs.fs.buffer import SecretBuffer
-from secretfs.fs.filesystem import yield_to_calls
+from secretfs.fs.filesystem import FileSystemClosedError, yield_to_calls
 from secretfs.fs.session import FuseSession
 from secretfs.fs.tree import Layout, Owner
 
@@ -57,14 +57,16 @@ TARGET_DIR_MODE = 0o750
 MAX_VOLUME_BYTES = 2 * 1024 * 1024
 
 # Publishes may wait on the API server for their whole retry budget; at most
-# this many run at once, so that some of the server's workers always remain
-# for probes and unpublishes (see server.WORKERS).
+# this many run at once, and one more is refused at once rather than queued
+# (a queued call holds a worker too), so that some of the server's workers
+# always remain for probes and unpublishes (see server.WORKERS).
 PUBLISH_CONCURRENCY = 24
 
 
 @dataclass(frozen=True, slots=True)
 class Publication:
     spec: PublishSpec
+    host_target: str  # the target with the symlinks of its parents resolved
     volume_dir: str  # the volume's directory name inside the FUSE filesystem
     # Parents of the target that the driver made because they were missing
     # (the kubelet normally makes them), outermost first: unpublish removes
@@ -93,7 +95,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._reader = reader
         self._lock = threading.Lock()
         self._published: dict[str, Publication] = {}  # by volume id
-        self._inflight: set[str] = set()  # volume ids and targets being worked on
+        self._at: dict[str, Publication] = {}  # by host target
+        self._inflight: set[tuple[str, str]] = set()  # volumes and targets being worked on
 
     # ---- information ----------------------------------------------------
 
@@ -133,12 +136,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         with (
             yield_to_calls(),
             self._credentials(request) as credentials,
-            self._publish_slots,
-            self._claim(spec.volume_id, spec.target_path),
+            self._publish_slot(),
+            self._claim(spec.volume_id, host_target),
         ):
             with self._lock:
                 existing = self._published.get(spec.volume_id)
-                holder = self._holder_of(spec.target_path)
+                holder = self._at.get(host_target)
             if existing is not None and self._still_published(existing, spec, host_target):
                 self._refresh(existing, credentials)
                 return csi_pb2.NodePublishVolumeResponse()
@@ -164,10 +167,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"target_path {target} resolves outside {self._pods_dir}",
             )
         return os.path.join(real_parent, name)
-
-    def _holder_of(self, target: str) -> Publication | None:
-        """The publication mounted at `target`, if any. Call with the lock held."""
-        return next((p for p in self._published.values() if p.spec.target_path == target), None)
 
     def _still_published(self, existing: Publication, spec: PublishSpec, host_target: str) -> bool:
         """True if a repeated request is already satisfied; raises if it conflicts."""
@@ -274,7 +273,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             created = self._prepare_target(spec.target_path, host_target, undo)
             files = self._files(pending, spec)
             # From here on the filesystem owns the buffers, and wipes them if this fails.
-            self._session.add_volume(volume_dir, files, self._layout(spec))
+            try:
+                self._session.add_volume(volume_dir, files, self._layout(spec))
+            except FileSystemClosedError:
+                raise CsiError(grpc.StatusCode.UNAVAILABLE, "the driver is shutting down") from None
             undo.callback(self._session.remove_volume, volume_dir)
             try:
                 mounts.bind_read_only(
@@ -285,9 +287,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     grpc.StatusCode.INTERNAL, f"mounting volume {spec.volume_id}: {exc.strerror}"
                 ) from None
             undo.pop_all()
-        publication = Publication(spec, volume_dir, tuple(d for d in created if d != host_target))
+        made_parents = tuple(d for d in created if d != host_target)
+        publication = Publication(spec, host_target, volume_dir, made_parents)
         with self._lock:
             self._published[spec.volume_id] = publication
+            self._at[host_target] = publication
 
     def _prepare_target(
         self, target_path: str, host_target: str, undo: contextlib.ExitStack
@@ -362,9 +366,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         volume_id = check_volume_id(request.volume_id)
         target = check_target_path(request.target_path, self._pods_dir)
         host_target = self._on_host(target)
-        with yield_to_calls(), self._claim(volume_id, target):
+        with yield_to_calls(), self._claim(volume_id, host_target):
             with self._lock:
-                holder = self._holder_of(target)
+                holder = self._at.get(host_target)
             if holder is not None and holder.spec.volume_id != volume_id:
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -398,6 +402,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._session.remove_volume(publication.volume_dir)
         with self._lock:
             self._published.pop(publication.spec.volume_id, None)
+            if self._at.get(publication.host_target) is publication:
+                del self._at[publication.host_target]
 
     def _remove_target(self, target: str) -> None:
         if os.path.islink(target):
@@ -435,8 +441,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     # ---- concurrency ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _claim(self, *keys: str) -> Iterator[None]:
-        """Hold `keys` (a volume id and a target) for one call; ABORTED if another has them."""
+    def _publish_slot(self) -> Iterator[None]:
+        """One of the PUBLISH_CONCURRENCY slots, or RESOURCE_EXHAUSTED at once.
+
+        Waiting for a slot would hold a gRPC worker all the same, and those
+        must stay free for probes and unpublishes.
+        """
+        if not self._publish_slots.acquire(blocking=False):
+            raise CsiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{PUBLISH_CONCURRENCY} publishes are already under way, waiting on the "
+                "API server; try again later",
+            )
+        try:
+            yield
+        finally:
+            self._publish_slots.release()
+
+    @contextlib.contextmanager
+    def _claim(self, volume_id: str, host_target: str) -> Iterator[None]:
+        """Hold a volume and a target for one call; ABORTED if another call has either."""
+        keys = {("volume", volume_id), ("target", host_target)}
         with self._lock:
             if any(key in self._inflight for key in keys):
                 raise CsiError(

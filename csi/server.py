@@ -7,8 +7,10 @@ import os
 import socket
 import stat
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -108,8 +110,8 @@ class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
                 return inner(request, context)
             except CsiError as exc:
                 code, message = exc.code, exc.message
-            except Exception:
-                log.exception("%s failed unexpectedly", method)
+            except Exception as exc:
+                log.error("%s failed unexpectedly: %s", method, unexpected(exc))
                 code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the driver's log"
             finally:
                 _log_call(method, request, code, message, time.monotonic() - start)
@@ -120,6 +122,14 @@ class CallLog(grpc.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=_scrubbing(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+def unexpected(exc: BaseException) -> str:
+    """An unexpected error's type and the frames it passed, without its message:
+    a message can quote whatever the failing code was looking at, secrets too."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{type(exc).__name__} at {where} (message withheld: it may quote secret data)"
 
 
 def _scrubbing(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

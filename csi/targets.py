@@ -10,8 +10,8 @@ allocates nothing.
 A rename only works within one mount. The folder lives under the kubelet's
 `plugins/` folder, which is on the pods' mount when the node plugin mounts
 the whole kubelet folder, as the shipped DaemonSet does. Where it is not,
-the first rename fails with EXDEV, the pool turns itself off, and every
-target is made with mkdir, as without it.
+renames fail with EXDEV; after a few in a row the pool turns itself off
+and every target is made with mkdir, as without it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ RENAME_NOREPLACE = 1  # fail with EEXIST rather than replace an empty directory
 # secretfs.fs.session), a node's worth of publishes.
 SIZE = 256
 
+# After this many renames in a row fail with EXDEV, the folder is taken to
+# be on another mount than the pods' folders, and the pool turns itself off.
+EXDEV_LIMIT = 3
+
+# Pause before trying again when a directory cannot be made.
+RETRY_SECONDS = 5.0
+
 
 class TargetPool:
     def __init__(
@@ -58,6 +66,7 @@ class TargetPool:
         self._names = itertools.count(1)
         self._enabled = True
         self._stopping = False
+        self._exdev_in_a_row = 0
 
     def start(self) -> TargetPool:
         """Clear what an earlier run left in the folder, then keep it filled."""
@@ -85,22 +94,33 @@ class TargetPool:
             source = self._ready.popleft()
             self._low.notify()
         if _rename_noreplace(source, target) == 0:
+            self._exdev_in_a_row = 0
             return True
         err = ctypes.get_errno()
         if err == errno.EXDEV:
-            log.info(
-                "%s is not on the pods' mount; target directories are made at publish",
-                self.folder,
-            )
-            self._disable()
-            _rmdir_quietly(source)
-        elif os.path.isdir(source):
-            with self._low:
-                self._ready.appendleft(source)  # unused: the target's own problem
+            self._exdev_in_a_row += 1
+            if self._exdev_in_a_row >= EXDEV_LIMIT:
+                log.info(
+                    "%s is not on the pods' mount; target directories are made at publish",
+                    self.folder,
+                )
+                _rmdir_quietly(source)
+                self._disable()
+                return False
+        self._give_back(source)  # unused: the problem was the target's
         return False
 
     def close(self) -> None:
         self._disable()
+
+    def _give_back(self, path: str) -> None:
+        if not os.path.isdir(path):
+            return
+        with self._low:
+            if self._enabled and len(self._ready) < self._size:
+                self._ready.appendleft(path)
+                return
+        _rmdir_quietly(path)  # replaced meanwhile: one too many
 
     def _disable(self) -> None:
         with self._low:
@@ -119,18 +139,25 @@ class TargetPool:
                 if self._stopping:
                     return
             self._wait_for_quiet()
+            with self._low:
+                if len(self._ready) >= self._size:
+                    continue  # one given back meanwhile
             path = os.path.join(self.folder, str(next(self._names)))
             try:
                 os.mkdir(path, self._mode)
             except OSError as exc:
+                # A full disk, say: publishes make their own meanwhile.
                 log.warning("cannot make target directories ahead in %s: %s", self.folder, exc)
-                return
+                time.sleep(RETRY_SECONDS)
+                continue
             with self._low:
-                if self._enabled:
+                if self._enabled and len(self._ready) < self._size:
                     self._ready.append(path)
                     continue
-            _rmdir_quietly(path)
-            return
+                enabled = self._enabled
+            _rmdir_quietly(path)  # turned off, or one given back meanwhile
+            if not enabled:
+                return
 
 
 def _rename_noreplace(source: str, target: str) -> int:

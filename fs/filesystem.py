@@ -116,6 +116,10 @@ yield_to_calls = _calls_waiting.during
 wait_for_quiet = _calls_waiting.wait_quiet
 
 
+class FileSystemClosedError(RuntimeError):
+    """The filesystem is shutting down and takes no new volume."""
+
+
 @dataclass(frozen=True, slots=True)
 class Rotation:
     """What `replace_volume` swapped out, for the kernel to forget and then `retire`."""
@@ -197,6 +201,7 @@ class SecretFS(pyfuse3.Operations):
         )
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: self._root}
         self._spares: dict[bytes, Directory] = {}  # empty, unlisted: see add_spare
+        self._closed = False  # see remove_all
         self._files: dict[int, File] = {}  # open file handles
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}  # open directory handles
         # Rotated-out files that handles still read, by volume: see `retire`.
@@ -212,6 +217,8 @@ class SecretFS(pyfuse3.Operations):
         inode = self._allocate_inode()
         spare = Directory(inode, make_attrs(inode, stat.S_IFDIR | 0o500, 0, 0, 0, time.time_ns()))
         with self._changes:
+            if self._closed:
+                raise FileSystemClosedError(name)
             if key in self._root.entries:
                 raise FileExistsError(name)
             self._nodes[inode] = spare
@@ -237,6 +244,8 @@ class SecretFS(pyfuse3.Operations):
                 top_inode=None if spare is None else spare.inode,
             )
             with self._changes:
+                if self._closed:
+                    raise FileSystemClosedError(name)
                 if self._root.entries.get(key) is not spare:
                     raise FileExistsError(name)
                 self._nodes.update((node.inode, node) for node in walk(top))
@@ -302,8 +311,10 @@ class SecretFS(pyfuse3.Operations):
                     self._lingering.setdefault(rotation.volume, set()).add(node)
 
     def remove_all(self) -> int:
-        """Remove every volume and spare; returns how many volumes there were."""
+        """Remove every volume and spare, for good: what is added later is refused
+        (and its buffers wiped). Returns how many volumes there were."""
         with self._changes:
+            self._closed = True
             names = [name.decode() for name in self._root.entries]
         return sum(self.remove_volume(name) for name in names)
 

@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -34,7 +35,7 @@ import pyfuse3
 import trio
 
 from .buffer import SecretBuffer
-from .filesystem import SecretFS, wait_for_quiet
+from .filesystem import FileSystemClosedError, SecretFS, wait_for_quiet
 from .tree import Layout
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,13 @@ class FuseSession:
 
     def release(self, name: str) -> None:
         """Give back a reserved name that never became a volume."""
-        if self.fs.is_spare(name):
-            with self._spares_low:
+        if not self.fs.is_spare(name):
+            return
+        with self._spares_low:
+            if len(self._spares) < SPARES:
                 self._spares.appendleft(name)
+                return
+        self.remove_volume(name)  # replaced meanwhile: one too many
 
     def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> None:
         """Expose `files` as volume `name`, a name from `reserve`.
@@ -198,18 +203,28 @@ class FuseSession:
             with self._spares_low:
                 if self._stopping:
                     return
+                if len(self._spares) >= SPARES:
+                    continue  # one given back meanwhile
                 name = self._new_name()
-            self.fs.add_spare(name)
+            try:
+                self.fs.add_spare(name)
+            except FileSystemClosedError:
+                return
             try:
                 # The lookup that makes the kernel cache the directory: here,
                 # on a thread of its own, never on the FUSE thread.
                 os.stat(os.path.join(self.mountpoint, name))
             except OSError as exc:
-                if not self._stopping:
-                    log.warning("no more spare directories: %s", exc.strerror)
-                return  # the session is gone
+                if self._stopping or not self.alive:
+                    return
+                log.warning("making a spare directory failed: %s; trying again", exc.strerror)
+                time.sleep(QUIET_SECONDS)
+                continue
             with self._spares_low:
-                self._spares.append(name)
+                if len(self._spares) < SPARES:
+                    self._spares.append(name)
+                    continue
+            self.remove_volume(name)  # one given back meanwhile
 
     def _run(self) -> None:
         try:

@@ -101,6 +101,7 @@ class Fault:
     delay: float = 0.0  # wait this long first
     drop: bool = False  # close the connection without answering
     trailing: bytes = b""  # extra bytes sent after the real answer
+    misframed: bool = False  # the real answer, chunked, its first chunk's size understated
     times: int = 1
     path: str = ""
     method: str = ""
@@ -461,7 +462,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if result is not None:
             entry.status = 200 if method != "POST" else 201
-            self._send(entry.status, result)
+            if fault is not None and fault.misframed:
+                self._send_misframed(entry.status, result)
+            else:
+                self._send(entry.status, result)
         if fault is not None and fault.trailing:
             self.wfile.write(fault.trailing)
 
@@ -595,6 +599,16 @@ class _Handler(BaseHTTPRequestHandler):
             piece = data[at : at + _GO_BUFFER]
             self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
         self.wfile.write(b"0\r\n\r\n")
+
+    def _send_misframed(self, code: int, payload: dict[str, Any]) -> None:
+        """Chunked framing gone wrong: the first chunk claims 10 bytes, the
+        rest of the body follows where the next chunk's size should be."""
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"a\r\n" + data[:10] + b"\r\n" + data[10:] + b"\r\n0\r\n\r\n")
 
 
 def _select(items: list[dict[str, Any]], selector: str | None) -> list[dict[str, Any]]:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
+from secretfs.csi.node import PUBLISH_CONCURRENCY
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI, Fault
 from tests.harness import Driver, Kubelet, code_of, crash_with_a_volume, mounts_below, read_as
@@ -137,6 +140,29 @@ def test_sigterm_ends_a_publish_that_is_retrying_the_api(
     assert stopped_in < 8.0
 
 
+def test_sigterm_cuts_a_publish_waiting_for_the_api_to_answer_and_nothing_is_added_late(
+    new_driver: Driver, api: FakeKubeAPI
+) -> None:
+    new_driver.extra_args = ["--api-retry-budget", "60"]
+    kubelet = Kubelet(new_driver.start())
+    api.set_secret("default", "slow", {"k": b"v"})
+    api.inject(Fault(delay=8, path="/secrets/slow"))
+    volume = kubelet.volume("slow")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        publish = pool.submit(code_of, kubelet.publish, volume)
+        time.sleep(0.5)
+        start = time.monotonic()
+        assert new_driver.stop() == 0
+        stopped_in = time.monotonic() - start
+        assert publish.result() == grpc.StatusCode.UNAVAILABLE
+
+    assert stopped_in < 3.0  # not the 8 s the answer would have taken
+    assert mounts_below(volume.target.parent) == []
+    last = new_driver.logs.strip().splitlines()[-1]
+    assert "stopped" in last and "NodePublishVolume" not in new_driver.logs.split("stopped")[-1]
+
+
 def test_a_second_driver_on_a_live_socket_refuses_to_start_and_disturbs_nothing(
     new_driver: Driver,
 ) -> None:
@@ -189,3 +215,51 @@ def test_the_harness_cleans_up_what_a_test_leaves_mounted(new_driver: Driver) ->
 
     assert mounts_below(workdir) == []
     shutil.rmtree(workdir / "kubelet")  # nothing mounted, so removable
+
+
+def test_publishes_beyond_the_limit_are_refused_at_once_and_probes_still_answer(
+    new_driver: Driver, api: FakeKubeAPI
+) -> None:
+    kubelet = Kubelet(new_driver.start())
+    api.set_secret("default", "slow", {"k": b"v"})
+    api.inject(Fault(delay=1.5, times=100, path="/secrets/slow"))  # within the 3 s budget
+    volumes = [kubelet.volume("slow") for _ in range(PUBLISH_CONCURRENCY + 8)]
+
+    with concurrent.futures.ThreadPoolExecutor(len(volumes)) as pool:
+        publishes = [pool.submit(code_of, kubelet.publish, v) for v in volumes]
+        time.sleep(0.7)
+        start = time.monotonic()
+        ready = new_driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
+        probe_seconds = time.monotonic() - start
+        codes = [p.result() for p in publishes]
+
+    assert ready and probe_seconds < 1.0
+    assert codes.count(grpc.StatusCode.OK) == PUBLISH_CONCURRENCY
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8
+    for volume, code in zip(volumes, codes, strict=True):
+        if code == grpc.StatusCode.OK:
+            kubelet.unpublish(volume)
+        else:
+            assert not os.path.lexists(volume.target)
+
+
+def test_a_target_named_through_a_symlink_in_the_pods_folder_is_the_same_target(
+    new_driver: Driver, api: FakeKubeAPI
+) -> None:
+    kubelet = Kubelet(new_driver.start())
+    api.set_secret("default", "other", {"k": b"not for pod a"})
+    first = kubelet.volume("db")
+    kubelet.publish(first)
+    pods = new_driver.kubelet_dir / "pods"
+    (pods / "alias").symlink_to(first.pod_uid)
+    second = kubelet.volume("other")
+    aliased = Path(str(first.target).replace(first.pod_uid, "alias"))
+    second.request.target_path = str(aliased)
+    second = dataclasses.replace(second, target=aliased)
+
+    assert code_of(kubelet.publish, second) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(kubelet.unpublish, second) == grpc.StatusCode.FAILED_PRECONDITION
+
+    assert read_as(first.target / "password", pod=first.pod_uid) == b"hunter2"
+    kubelet.unpublish(first)
+    assert mounts_below(pods) == []

@@ -10,7 +10,7 @@ import pytest
 
 from secretfs.csi import cli, mounts
 from secretfs.csi.pb import csi_pb2
-from secretfs.csi.server import call_fields, printable, socket_path
+from secretfs.csi.server import call_fields, printable, socket_path, unexpected
 from secretfs.fs import memory
 
 FLAGS = [
@@ -139,3 +139,16 @@ def test_a_retry_budget_outside_the_kubelets_deadline_is_refused(budget: str) ->
 )
 def test_logged_request_values_are_escaped_and_cut(value: str, logged: str) -> None:
     assert printable(value) == logged
+
+
+def test_an_unexpected_error_is_told_by_type_and_place_never_by_message() -> None:
+    def parse(body: bytes) -> int:
+        return int(body, 16)
+
+    try:
+        parse(b'"password": "aHVudGVyMg=="')
+    except ValueError as exc:
+        text = unexpected(exc)
+
+    assert text.startswith("ValueError at test_cli.py:")
+    assert "parse" in text and "aHVudGVyMg" not in text

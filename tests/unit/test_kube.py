@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -196,3 +197,17 @@ def test_an_authorization_value_with_a_control_character_is_never_sent(
         reader.read("default", "db", SecretBuffer.from_bytes(value))
 
     assert api.count("GET", "/secrets/db") == before
+
+
+def test_broken_chunked_framing_is_transient_and_never_quotes_the_body(
+    reader: SecretReader, api: FakeKubeAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    value = b"framing-marker-0123456789"
+    api.set_secret("default", "misframed", {"k": value})
+    api.inject(Fault(misframed=True, times=100, path="/secrets/misframed"))
+
+    code, message = fetch_code(reader, "default", "misframed")
+
+    assert code == grpc.StatusCode.UNAVAILABLE and "malformed chunked" in message
+    encoded = base64.b64encode(value).decode()
+    assert encoded not in message and encoded not in caplog.text
