@@ -54,6 +54,8 @@ RETRY_SECONDS = 5.0
 
 
 class TargetPool:
+    """Empty directories in `folder`, kept `size` strong by a thread of their own."""
+
     def __init__(
         self, folder: str, mode: int, wait_for_quiet: Callable[[], None], size: int = SIZE
     ) -> None:
@@ -93,20 +95,21 @@ class TargetPool:
                 return False
             source = self._ready.popleft()
             self._low.notify()
-        if _rename_noreplace(source, target) == 0:
-            self._exdev_in_a_row = 0
+        moved = _rename_noreplace(source, target) == 0
+        err = 0 if moved else ctypes.get_errno()
+        with self._low:
+            self._exdev_in_a_row = self._exdev_in_a_row + 1 if err == errno.EXDEV else 0
+            exdev_in_a_row = self._exdev_in_a_row
+        if moved:
             return True
-        err = ctypes.get_errno()
-        if err == errno.EXDEV:
-            self._exdev_in_a_row += 1
-            if self._exdev_in_a_row >= EXDEV_LIMIT:
-                log.info(
-                    "%s is not on the pods' mount; target directories are made at publish",
-                    self.folder,
-                )
-                _rmdir_quietly(source)
-                self._disable()
-                return False
+        if exdev_in_a_row >= EXDEV_LIMIT:
+            log.info(
+                "%s is not on the pods' mount; target directories are made at publish",
+                self.folder,
+            )
+            _rmdir_quietly(source)
+            self._disable()
+            return False
         self._give_back(source)  # unused: the problem was the target's
         return False
 
@@ -145,6 +148,8 @@ class TargetPool:
             path = os.path.join(self.folder, str(next(self._names)))
             try:
                 os.mkdir(path, self._mode)
+            except FileExistsError:
+                continue  # something an earlier run left and could not remove
             except OSError as exc:
                 # A full disk, say: publishes make their own meanwhile.
                 log.warning("cannot make target directories ahead in %s: %s", self.folder, exc)
