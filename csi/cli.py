@@ -230,6 +230,7 @@ def serve(args: argparse.Namespace) -> int:
     kubelet_dir = os.path.abspath(args.kubelet_dir)
     targets = TargetPool(
         os.path.join(kubelet_dir, "plugins", args.driver_name, "targets"),
+        os.path.join(kubelet_dir, "pods"),
         TARGET_DIR_MODE,
         lambda: wait_for_quiet(QUIET_SECONDS),
     )

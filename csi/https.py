@@ -24,6 +24,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,6 +47,9 @@ IDLE_CONNECTIONS = 4
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 _DIGITS = re.compile(r"[0-9]{1,12}")
+_STATUS_LINE = re.compile(r"HTTP/1\.[01] [0-9]{3}( |$)")
+# Headers that say where a response ends: one value each, or none at all.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
 # A chunk's size in hex, and extensions we ignore.
 _CHUNK_SIZE = re.compile(rb"([0-9a-fA-F]{1,8})(?:;[^\r\n]*)?")
 
@@ -107,14 +111,8 @@ class Response:
 
 
 class _Connection:
-    def __init__(self, server: Server, timeout: float) -> None:
-        raw = socket.create_connection((server.host, server.port), timeout=timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self.sock = server.context.wrap_socket(raw, server_hostname=server.server_hostname)
-        except BaseException:
-            raw.close()
-            raise
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
         self.reused = False
 
     def readable(self) -> bool:
@@ -127,12 +125,6 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def cut(self) -> None:
-        """Shut the socket down under a thread that may be reading it: the
-        read fails at once. The TLS layer is left alone (it is that thread's)."""
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-
 
 class HttpsClient:
     """GETs over a small pool of keep-alive connections to one server."""
@@ -141,7 +133,7 @@ class HttpsClient:
         self._server = server
         self._user_agent = user_agent
         self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()  # carrying an exchange
+        self._busy: set[socket.socket] = set()  # connecting, or carrying an exchange
         self._closed = False
         self._lock = threading.Lock()
 
@@ -163,6 +155,10 @@ class HttpsClient:
             raise
         return exchange
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Close the idle connections and cut the busy ones short: their
         exchanges fail at once instead of waiting for their answers. No
@@ -173,8 +169,11 @@ class HttpsClient:
             busy = list(self._busy)
         for connection in idle:
             connection.close()
-        for connection in busy:
-            connection.cut()
+        for sock in busy:
+            # Under the thread that is using it: its connect, handshake,
+            # send or read fails at once. The TLS layer is left alone.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def _request(self, path: str, authorization: SecretBuffer | None) -> SecretBuffer:
         """The request's bytes, in a buffer of their own: they may carry a token."""
@@ -210,19 +209,52 @@ class HttpsClient:
                 connection.reused = True
                 return connection
             connection.close()
-        try:
-            return _Connection(self._server, max(0.05, deadline - time.monotonic()))
-        except (OSError, ssl.SSLError) as exc:
-            raise HttpError(
-                f"connecting to {self._server.host}:{self._server.port}: {exc}"
-            ) from None
+        return self._open(deadline)
 
-    def _carrying(self, connection: _Connection, busy: bool) -> None:
+    def _open(self, deadline: float) -> _Connection:
+        server = self._server
+        failure: OSError | None = None
+        try:
+            addresses = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise HttpError(f"resolving {server.host}: {exc}") from None
+        for family, kind, proto, _, address in addresses:
+            raw = socket.socket(family, kind, proto)
+            try:
+                raw.settimeout(max(0.05, deadline - time.monotonic()))
+                with self.cuttable(raw):
+                    raw.connect(address)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock = server.context.wrap_socket(
+                    raw, server_hostname=server.server_hostname, do_handshake_on_connect=False
+                )
+                try:
+                    with self.cuttable(sock):
+                        sock.do_handshake()
+                except BaseException:
+                    sock.close()
+                    raise
+                return _Connection(sock)
+            except OSError as exc:  # ssl.SSLError included
+                raw.close()
+                failure = exc
+            except BaseException:
+                raw.close()
+                raise
+        raise HttpError(f"connecting to {server.host}:{server.port}: {failure}")
+
+    @contextlib.contextmanager
+    def cuttable(self, sock: socket.socket) -> Iterator[None]:
+        """Let `close` cut `sock` short while the block uses it; HttpError once closed."""
         with self._lock:
-            if busy:
-                self._busy.add(connection)
-            else:
-                self._busy.discard(connection)
+            if self._closed:
+                raise HttpError("the client is closed")
+            self._busy.add(sock)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(sock)
 
     def _release(self, connection: _Connection) -> None:
         with self._lock:
@@ -246,12 +278,12 @@ class Exchange:
             connection = self._client._connection(self._deadline)
             try:
                 connection.sock.settimeout(max(0.05, self._deadline - time.monotonic()))
-                connection.sock.sendall(self._request.view())
-            except OSError as exc:
+                with self._client.cuttable(connection.sock):
+                    connection.sock.sendall(self._request.view())
+            except (OSError, HttpError) as exc:
                 self._retry_or_raise(connection, exc)
                 continue
             self._connection = connection
-            self._client._carrying(connection, True)
             return
 
     def response(self) -> Response:
@@ -262,15 +294,14 @@ class Exchange:
                 if connection is None:
                     raise RuntimeError("the exchange has ended")
                 try:
-                    response, keep = _receive(connection, self._deadline)
+                    with self._client.cuttable(connection.sock):
+                        response, keep = _receive(connection, self._deadline)
                 except (OSError, HttpError) as exc:
                     self._connection = None
-                    self._client._carrying(connection, False)
                     self._retry_or_raise(connection, exc)
                     self.send()
                     continue
                 self._connection = None
-                self._client._carrying(connection, False)
                 if keep:
                     self._client._release(connection)
                 else:
@@ -283,7 +314,6 @@ class Exchange:
         """End the exchange without reading its response. Idempotent."""
         if self._connection is not None:
             # The answer may still arrive: the connection can carry nothing else.
-            self._client._carrying(self._connection, False)
             self._connection.close()
             self._connection = None
         self._request.wipe()
@@ -291,8 +321,8 @@ class Exchange:
     def _retry_or_raise(self, connection: _Connection, exc: Exception) -> None:
         connection.close()
         # A kept-alive connection the server has since closed: try once more
-        # on another, within the same deadline.
-        if not connection.reused or isinstance(exc, TimeoutError):
+        # on another, within the same deadline. Never after `close`.
+        if not connection.reused or isinstance(exc, TimeoutError) or self._client.closed:
             raise HttpError(f"{type(exc).__name__}: {exc}") from None
 
 
@@ -308,13 +338,14 @@ def _receive(connection: _Connection, deadline: float) -> tuple[Response, bool]:
             if not _DIGITS.fullmatch(length):
                 raise HttpError("response has neither a valid Content-Length nor chunked encoding")
             end = reader.fill_to(body_start + int(length))
+        # Bytes beyond the response mean its framing is off (a Content-Length
+        # that understates the body, say): the answer is not to be trusted.
+        if reader.filled != reader.consumed or connection.sock.pending():
+            raise HttpError("bytes beyond the end of the response")
     except BaseException:
         reader.buffer.wipe()
         raise
-    # Bytes beyond this response would be read as the answer to the next
-    # request on the connection: such a connection is never reused.
-    clean = reader.filled == reader.consumed and connection.sock.pending() == 0
-    keep = clean and headers.get("connection", "").lower() != "close"
+    keep = headers.get("connection", "").lower() != "close"
     return Response(status, reader.buffer, body_start, end), keep
 
 
@@ -359,14 +390,16 @@ class _Reader:
             self._receive()
         # Headers carry no secret: decoding them into Python objects is fine.
         lines = bytes(self.buffer.view(0, end)).decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        if not version.startswith("HTTP/1.") or not _DIGITS.fullmatch(rest[:3]):
+        if not _STATUS_LINE.match(lines[0]):
             raise HttpError("not an HTTP/1.x response")
-        headers = {}
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return int(rest[:3]), headers, end + 4
+            name, value = name.strip().lower(), value.strip()
+            if name in _FRAMING and headers.get(name, value) != value:
+                raise HttpError(f"conflicting {name} headers")
+            headers[name] = value
+        return int(lines[0][9:12]), headers, end + 4
 
     def _expect_crlf(self, at: int) -> None:
         if self.buffer.find(b"\r\n", at, at + 2) != at:

@@ -254,13 +254,15 @@ def decode_secret(body: memoryview, what: str) -> dict[str, SecretBuffer]:
     raw = bytes(body)
     try:
         secret = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise FetchError(
             grpc.StatusCode.INTERNAL, f"{what}: unreadable API response ({exc.__class__.__name__})"
         ) from None
     finally:
         scrub_bytes(raw)
-    data = secret.get("data") if isinstance(secret, dict) else None
+    if not isinstance(secret, dict) or secret.get("kind", "Secret") != "Secret":
+        raise FetchError(grpc.StatusCode.INTERNAL, f"{what}: the API response is not a Secret")
+    data = secret.get("data")
     if data is None:
         data = {}  # a Secret without data
     if not isinstance(data, dict):

@@ -118,6 +118,19 @@ def is_mountpoint(path: str) -> bool:
     return bool(mounts_at(path))
 
 
+def mount_of(path: str) -> int:
+    """The id of the mount that `path` (symlinks resolved) lies on."""
+    real = os.path.realpath(path)
+    best, best_length = -1, -1
+    for mount in mount_table():
+        point = mount.mountpoint.rstrip("/")
+        inside = real == point or real.startswith(point + "/")
+        # The longest mount point wins; among mounts stacked on it, the last.
+        if inside and len(point) >= best_length:
+            best, best_length = mount.mount_id, len(point)
+    return best
+
+
 def _check(result: int, what: str, path: str) -> None:
     if result != 0:
         err = ctypes.get_errno()

@@ -56,11 +56,12 @@ TARGET_DIR_MODE = 0o750
 # one pod exhaust the driver's memory for every pod on the node.
 MAX_VOLUME_BYTES = 2 * 1024 * 1024
 
-# Publishes may wait on the API server for their whole retry budget; at most
-# this many run at once, and one more is refused at once rather than queued
-# (a queued call holds a worker too), so that some of the server's workers
-# always remain for probes and unpublishes (see server.WORKERS).
-PUBLISH_CONCURRENCY = 24
+# Publishes and unpublishes may wait: on the API server for a whole retry
+# budget, or on a filesystem along the target's path that does not answer.
+# At most this many run at once, and one more is refused at once rather than
+# queued (a queued call holds a worker too), so that some of the server's
+# workers always remain for probes (see server.WORKERS).
+NODE_CALL_LIMIT = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._pods_dir = os.path.join(kubelet_dir, "pods")
         # Where those paths really are: mountinfo records resolved paths.
         self._real_pods_dir = os.path.realpath(self._pods_dir)
-        self._publish_slots = threading.BoundedSemaphore(PUBLISH_CONCURRENCY)
+        self._node_calls = threading.BoundedSemaphore(NODE_CALL_LIMIT)
         self._session = session
         self._reader = reader
         self._lock = threading.Lock()
@@ -132,13 +133,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"volume_context has no {POD_UID}: pod binding needs podInfoOnMount: true",
             )
-        host_target = self._on_host(spec.target_path)
         with (
+            _unavailable_when_closed(),
+            self._node_call(),
             yield_to_calls(),
             self._credentials(request) as credentials,
-            self._publish_slot(),
-            self._claim(spec.volume_id, host_target),
         ):
+            return self._publish_or_refresh(spec, credentials)
+
+    def _publish_or_refresh(
+        self, spec: PublishSpec, credentials: SecretBuffer | None
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        host_target = self._on_host(spec.target_path)
+        with self._claim(spec.volume_id, host_target):
             with self._lock:
                 existing = self._published.get(spec.volume_id)
                 holder = self._at.get(host_target)
@@ -273,10 +280,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             created = self._prepare_target(spec.target_path, host_target, undo)
             files = self._files(pending, spec)
             # From here on the filesystem owns the buffers, and wipes them if this fails.
-            try:
-                self._session.add_volume(volume_dir, files, self._layout(spec))
-            except FileSystemClosedError:
-                raise CsiError(grpc.StatusCode.UNAVAILABLE, "the driver is shutting down") from None
+            self._session.add_volume(volume_dir, files, self._layout(spec))
             undo.callback(self._session.remove_volume, volume_dir)
             try:
                 mounts.bind_read_only(
@@ -365,8 +369,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         volume_id = check_volume_id(request.volume_id)
         target = check_target_path(request.target_path, self._pods_dir)
+        with _unavailable_when_closed(), self._node_call(), yield_to_calls():
+            self._unpublish(volume_id, target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _unpublish(self, volume_id: str, target: str) -> None:
         host_target = self._on_host(target)
-        with yield_to_calls(), self._claim(volume_id, host_target):
+        with self._claim(volume_id, host_target):
             with self._lock:
                 holder = self._at.get(host_target)
             if holder is not None and holder.spec.volume_id != volume_id:
@@ -388,7 +397,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     os.rmdir(directory)
                 except OSError:
                     break  # not empty, or gone: the rest is someone else's
-        return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _unmount(self, target: str) -> None:
         try:
@@ -441,22 +449,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     # ---- concurrency ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _publish_slot(self) -> Iterator[None]:
-        """One of the PUBLISH_CONCURRENCY slots, or RESOURCE_EXHAUSTED at once.
+    def _node_call(self) -> Iterator[None]:
+        """One of the NODE_CALL_LIMIT slots, or RESOURCE_EXHAUSTED at once.
 
-        Waiting for a slot would hold a gRPC worker all the same, and those
-        must stay free for probes and unpublishes.
+        Waiting for a slot would hold a gRPC worker all the same, and some
+        must stay free for probes.
         """
-        if not self._publish_slots.acquire(blocking=False):
+        if not self._node_calls.acquire(blocking=False):
             raise CsiError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{PUBLISH_CONCURRENCY} publishes are already under way, waiting on the "
-                "API server; try again later",
+                f"{NODE_CALL_LIMIT} publishes and unpublishes are already under way; "
+                "try again later",
             )
         try:
             yield
         finally:
-            self._publish_slots.release()
+            self._node_calls.release()
 
     @contextlib.contextmanager
     def _claim(self, volume_id: str, host_target: str) -> Iterator[None]:
@@ -525,6 +533,15 @@ def select_files(buffers: dict[str, SecretBuffer], spec: PublishSpec) -> dict[st
 
 def _unsupported(name: str) -> CsiError:
     return CsiError(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by SecretFS")
+
+
+@contextlib.contextmanager
+def _unavailable_when_closed() -> Iterator[None]:
+    """A call that meets the filesystem shutting down answers UNAVAILABLE."""
+    try:
+        yield
+    except FileSystemClosedError:
+        raise CsiError(grpc.StatusCode.UNAVAILABLE, "the driver is shutting down") from None
 
 
 def _resolved(directory: str) -> str:

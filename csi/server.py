@@ -31,9 +31,8 @@ _ROUTINE = frozenset(
     {"Probe", "GetPluginInfo", "GetPluginCapabilities", "NodeGetCapabilities", "NodeGetInfo"}
 )
 
-# Publishes may wait on the API server for their whole retry budget; they get
-# at most node.PUBLISH_CONCURRENCY of these threads, the rest stay free for
-# probes and unpublishes.
+# Publishes and unpublishes may wait a long time; they get at most
+# node.NODE_CALL_LIMIT of these threads, the rest stay free for probes.
 WORKERS = 32
 
 # A logged request field longer than this is cut: it comes from the caller.

@@ -10,8 +10,8 @@ allocates nothing.
 A rename only works within one mount. The folder lives under the kubelet's
 `plugins/` folder, which is on the pods' mount when the node plugin mounts
 the whole kubelet folder, as the shipped DaemonSet does. Where it is not,
-renames fail with EXDEV; after a few in a row the pool turns itself off
-and every target is made with mkdir, as without it.
+the pool does not start and every target is made with mkdir, as without
+it; a single target on a mount of its own is made with mkdir too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+
+from . import mounts
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,6 @@ RENAME_NOREPLACE = 1  # fail with EEXIST rather than replace an empty directory
 # secretfs.fs.session), a node's worth of publishes.
 SIZE = 256
 
-# After this many renames in a row fail with EXDEV, the folder is taken to
-# be on another mount than the pods' folders, and the pool turns itself off.
-EXDEV_LIMIT = 3
-
 # Pause before trying again when a directory cannot be made.
 RETRY_SECONDS = 5.0
 
@@ -57,9 +55,15 @@ class TargetPool:
     """Empty directories in `folder`, kept `size` strong by a thread of their own."""
 
     def __init__(
-        self, folder: str, mode: int, wait_for_quiet: Callable[[], None], size: int = SIZE
+        self,
+        folder: str,
+        pods: str,
+        mode: int,
+        wait_for_quiet: Callable[[], None],
+        size: int = SIZE,
     ) -> None:
         self.folder = folder
+        self._pods = pods
         self._mode = mode
         self._wait_for_quiet = wait_for_quiet
         self._size = size
@@ -68,14 +72,18 @@ class TargetPool:
         self._names = itertools.count(1)
         self._enabled = True
         self._stopping = False
-        self._exdev_in_a_row = 0
 
     def start(self) -> TargetPool:
-        """Clear what an earlier run left in the folder, then keep it filled."""
+        """Clear what an earlier run left in the folder, then keep it filled.
+
+        OSError if the folder cannot be made or is not on the pods' mount.
+        """
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         os.chmod(self.folder, 0o700)
         for name in os.listdir(self.folder):
             _rmdir_quietly(os.path.join(self.folder, name))
+        if mounts.mount_of(self.folder) != mounts.mount_of(self._pods):
+            raise OSError(errno.EXDEV, f"{self.folder} is not on the mount of {self._pods}")
         threading.Thread(target=self._keep_filled, name="csi-targets", daemon=True).start()
         return self
 
@@ -95,21 +103,8 @@ class TargetPool:
                 return False
             source = self._ready.popleft()
             self._low.notify()
-        moved = _rename_noreplace(source, target) == 0
-        err = 0 if moved else ctypes.get_errno()
-        with self._low:
-            self._exdev_in_a_row = self._exdev_in_a_row + 1 if err == errno.EXDEV else 0
-            exdev_in_a_row = self._exdev_in_a_row
-        if moved:
+        if _rename_noreplace(source, target) == 0:
             return True
-        if exdev_in_a_row >= EXDEV_LIMIT:
-            log.info(
-                "%s is not on the pods' mount; target directories are made at publish",
-                self.folder,
-            )
-            _rmdir_quietly(source)
-            self._disable()
-            return False
         self._give_back(source)  # unused: the problem was the target's
         return False
 

@@ -280,6 +280,8 @@ class SecretFS(pyfuse3.Operations):
         caller can first make the kernel forget its cached entries.
         """
         with _owning(files):
+            if self._closed:
+                raise FileSystemClosedError(name)
             top = self._root.entries.get(name.encode())
             if not isinstance(top, Directory):
                 raise FileNotFoundError(name)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import itertools
 import logging
@@ -107,10 +108,17 @@ class FuseSession:
             return False
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` on the FUSE thread and return its result."""
-        if self._token is None:
-            raise RuntimeError("the FUSE session is not running")
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        """Run `fn(*args)` on the FUSE thread and return its result.
+
+        FileSystemClosedError if the session is not running: then `fn` did not run.
+        """
+        token = self._token
+        if token is None:
+            raise FileSystemClosedError("the FUSE session is not running")
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=token)
+        except trio.RunFinishedError:
+            raise FileSystemClosedError("the FUSE session has ended") from None
 
     def reserve(self) -> str:
         """A name for a new volume: a spare's if one is ready. See `add_volume`, `release`."""
@@ -148,8 +156,11 @@ class FuseSession:
                 raise
 
     def remove_volume(self, name: str) -> None:
-        """Hide volume `name` and wipe its buffers; nothing if there is no such volume."""
-        if self.alive:
+        """Hide volume `name` and wipe its buffers; nothing if there is no such volume.
+
+        Once the session has ended there is none: ending wiped them all.
+        """
+        with contextlib.suppress(FileSystemClosedError):
             self.call(self.fs.remove_volume, name)
 
     def rotate(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> bool:
@@ -162,7 +173,12 @@ class FuseSession:
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("rotate() would deadlock on the FUSE thread")
-        rotation = self.call(self.fs.replace_volume, name, files, layout)
+        try:
+            rotation = self.call(self.fs.replace_volume, name, files, layout)
+        except FileSystemClosedError:
+            for buffer in files.values():
+                buffer.wipe()  # they never reached the filesystem, or it wiped them
+            raise
         if rotation is None:
             return False
         try:

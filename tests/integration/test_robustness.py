@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from secretfs.csi.node import PUBLISH_CONCURRENCY
+from secretfs.csi.node import NODE_CALL_LIMIT
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI, Fault
 from tests.harness import Driver, Kubelet, code_of, crash_with_a_volume, mounts_below, read_as
@@ -223,7 +224,7 @@ def test_publishes_beyond_the_limit_are_refused_at_once_and_probes_still_answer(
     kubelet = Kubelet(new_driver.start())
     api.set_secret("default", "slow", {"k": b"v"})
     api.inject(Fault(delay=1.5, times=100, path="/secrets/slow"))  # within the 3 s budget
-    volumes = [kubelet.volume("slow") for _ in range(PUBLISH_CONCURRENCY + 8)]
+    volumes = [kubelet.volume("slow") for _ in range(NODE_CALL_LIMIT + 8)]
 
     with concurrent.futures.ThreadPoolExecutor(len(volumes)) as pool:
         publishes = [pool.submit(code_of, kubelet.publish, v) for v in volumes]
@@ -234,7 +235,7 @@ def test_publishes_beyond_the_limit_are_refused_at_once_and_probes_still_answer(
         codes = [p.result() for p in publishes]
 
     assert ready and probe_seconds < 1.0
-    assert codes.count(grpc.StatusCode.OK) == PUBLISH_CONCURRENCY
+    assert codes.count(grpc.StatusCode.OK) == NODE_CALL_LIMIT
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8
     for volume, code in zip(volumes, codes, strict=True):
         if code == grpc.StatusCode.OK:
@@ -263,3 +264,45 @@ def test_a_target_named_through_a_symlink_in_the_pods_folder_is_the_same_target(
     assert read_as(first.target / "password", pod=first.pod_uid) == b"hunter2"
     kubelet.unpublish(first)
     assert mounts_below(pods) == []
+
+
+def test_calls_stuck_on_a_filesystem_that_stopped_answering_leave_workers_for_probes(
+    new_driver: Driver,
+) -> None:
+    new_driver.start()
+    # A FUSE filesystem that stops answering: another driver's, its process stopped.
+    other = Driver(new_driver.workdir / "other", new_driver.kubeconfig)
+    other.workdir.mkdir()
+    other.start()
+    assert other.process is not None
+    hung = new_driver.kubelet_dir / "pods" / "hung"
+    hung.mkdir()
+    subprocess.run(["mount", "--bind", str(other.state_dir), str(hung)], check=True)
+    other.process.send_signal(signal.SIGSTOP)
+    try:
+        requests = [
+            csi_pb2.NodeUnpublishVolumeRequest(
+                volume_id=f"v{i}", target_path=str(hung / f"p{i}" / "mount")
+            )
+            for i in range(NODE_CALL_LIMIT + 1)
+        ]
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            stuck = [
+                pool.submit(code_of, new_driver.node.NodeUnpublishVolume, r, timeout=60)
+                for r in requests[:-1]
+            ]
+            time.sleep(1.0)
+            start = time.monotonic()
+            ready = new_driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
+            probe_seconds = time.monotonic() - start
+            one_more = code_of(new_driver.node.NodeUnpublishVolume, requests[-1], timeout=2)
+            other.process.send_signal(signal.SIGCONT)
+            codes = {s.result() for s in stuck}
+    finally:
+        other.process.send_signal(signal.SIGCONT)
+        subprocess.run(["umount", "-l", str(hung)], check=False)
+        other.close()
+
+    assert ready and probe_seconds < 1.0
+    assert one_more == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert codes == {grpc.StatusCode.OK}  # once answered: nothing was there to unpublish

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from secretfs.csi.kube import FetchError, SecretReader, connect
+from secretfs.csi.kube import FetchError, SecretReader, connect, decode_secret
 from secretfs.fs.buffer import SecretBuffer, live_bytes
 from tests.conftest import DRIVER_USER
 from tests.fakeapi import FakeKubeAPI, Fault
@@ -211,3 +211,13 @@ def test_broken_chunked_framing_is_transient_and_never_quotes_the_body(
     assert code == grpc.StatusCode.UNAVAILABLE and "malformed chunked" in message
     encoded = base64.b64encode(value).decode()
     assert encoded not in message and encoded not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "body", [b'["c2VjcmV0"]', b'{"kind": "Status", "data": {}}', b"[" * 100_000 + b"]" * 100_000]
+)
+def test_an_answer_that_is_not_a_secret_object_is_internal(body: bytes) -> None:
+    with pytest.raises(FetchError) as failure:
+        decode_secret(memoryview(body), "secret default/odd")
+
+    assert failure.value.code == grpc.StatusCode.INTERNAL

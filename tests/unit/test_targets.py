@@ -33,7 +33,7 @@ def settled(folder: Path) -> int:
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[TargetPool]:
-    pool = TargetPool(str(tmp_path / "pool"), 0o750, lambda: None, size=SIZE).start()
+    pool = TargetPool(str(tmp_path / "pool"), str(tmp_path), 0o750, lambda: None, size=SIZE).start()
     wait_until_ready(pool)
     yield pool
     pool.close()
@@ -41,7 +41,7 @@ def pool(tmp_path: Path) -> Iterator[TargetPool]:
 
 def test_start_clears_what_an_earlier_run_left_and_fills_the_folder(tmp_path: Path) -> None:
     (tmp_path / "pool" / "old").mkdir(parents=True)
-    pool = TargetPool(str(tmp_path / "pool"), 0o750, lambda: None, size=SIZE).start()
+    pool = TargetPool(str(tmp_path / "pool"), str(tmp_path), 0o750, lambda: None, size=SIZE).start()
     try:
         wait_until_ready(pool)
         made = sorted((tmp_path / "pool").iterdir())
@@ -92,23 +92,37 @@ def test_a_target_whose_parent_is_missing_is_left_to_the_caller(
     assert settled(tmp_path / "pool") == SIZE  # given back, or replaced
 
 
-def test_a_rename_across_mounts_gives_the_directory_back_and_a_few_in_a_row_turn_the_pool_off(
-    pool: TargetPool, tmp_path: Path
-) -> None:
+@pytest.fixture
+def other_mount(tmp_path: Path) -> Iterator[Path]:
     other = tmp_path / "other"
     other.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "other", str(other)], check=True)
     try:
-        assert not pool.take(str(other / "a"))
-        assert pool.take(str(tmp_path / "here"))  # one odd target leaves the pool on
-        for name in ("b", "c", "d"):
-            assert not pool.take(str(other / name))
-        assert not pool.take(str(tmp_path / "there"))  # off for good
+        yield other
     finally:
         subprocess.run(["umount", str(other)], check=True)
 
-    assert pool.ready == 0 and list((tmp_path / "pool").iterdir()) == []
-    assert not any(os.path.exists(other / name) for name in "abcd")
+
+def test_a_target_on_a_mount_of_its_own_is_left_to_the_caller_and_the_pool_stays_on(
+    pool: TargetPool, tmp_path: Path, other_mount: Path
+) -> None:
+    for name in "abcd":
+        assert not pool.take(str(other_mount / name))
+
+    assert pool.take(str(tmp_path / "here"))
+    assert not any(os.path.exists(other_mount / name) for name in "abcd")
+
+
+def test_a_pool_whose_folder_is_not_on_the_pods_mount_does_not_start(
+    tmp_path: Path, other_mount: Path
+) -> None:
+    pool = TargetPool(str(tmp_path / "pool"), str(other_mount), 0o750, lambda: None, size=SIZE)
+
+    with pytest.raises(OSError, match="not on the mount"):
+        pool.start()
+    pool.close()
+
+    assert pool.ready == 0 and not pool.take(str(other_mount / "mount"))
 
 
 def test_the_pool_never_holds_more_than_its_size(pool: TargetPool, tmp_path: Path) -> None:
