@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -306,3 +309,33 @@ def test_calls_stuck_on_a_filesystem_that_stopped_answering_leave_workers_for_pr
     assert ready and probe_seconds < 1.0
     assert one_more == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert codes == {grpc.StatusCode.OK}  # once answered: nothing was there to unpublish
+
+
+def test_sigterm_cuts_a_publish_whose_tls_handshake_never_ends(
+    new_driver: Driver, api: FakeKubeAPI
+) -> None:
+    # An "API server" that takes the connection and never answers the handshake.
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    config = json.loads(new_driver.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{silent.getsockname()[1]}"
+    new_driver.kubeconfig.write_text(json.dumps(config))
+    new_driver.extra_args = ["--api-retry-budget", "60"]
+    kubelet = Kubelet(new_driver.start())
+    volume = kubelet.volume("db")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            publish = pool.submit(code_of, kubelet.publish, volume)
+            time.sleep(0.5)
+            start = time.monotonic()
+            assert new_driver.stop() == 0
+            stopped_in = time.monotonic() - start
+            assert publish.result() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for sock in [silent, *accepted]:
+            sock.close()
+
+    assert accepted  # the handshake had begun
+    assert stopped_in < 3.0  # not the 10 s a request may take
+    assert mounts_below(volume.target.parent) == []
