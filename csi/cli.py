@@ -155,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     # thread busy serving a reading pod then delays a publish by little.
     sys.setswitchinterval(0.0005)
     try:
-        return serve(args)
+        code = serve(args)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 2
+    # Everything is wiped and unmounted. A worker still stuck in a system
+    # call on a filesystem that stopped answering (a hung FUSE mount on a
+    # target's path) can be neither interrupted nor joined: leave without it.
+    logging.shutdown()
+    os._exit(code)
 
 
 class StartupError(Exception):

@@ -305,9 +305,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         Returns the directories made, outermost first.
         """
         created = self._make_target(host_target)
-        for directory in reversed(created):
+        for directory in created:  # the undo runs last-in first-out: innermost first
             undo.callback(_rmdir_quietly, directory)
-        if created:
+        if host_target in created:
             return created
         # Only a target that was there already can hold a mount.
         self._clear_stale_mount(host_target)
@@ -321,7 +321,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise CsiError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"target {target_path} is not empty"
             )
-        return []
+        return created
 
     def _clear_stale_mount(self, target: str) -> None:
         """Remove a SecretFS mount left at `target` by an earlier run of the driver."""
@@ -352,7 +352,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         created: list[str] = []
         try:
             for directory in reversed(missing):
-                os.mkdir(directory, TARGET_DIR_MODE)
+                try:
+                    os.mkdir(directory, TARGET_DIR_MODE)
+                except FileExistsError:
+                    continue  # made meanwhile by another call: not ours to remove
                 created.append(directory)
         except OSError as exc:
             for directory in reversed(created):

@@ -78,12 +78,12 @@ class TargetPool:
 
         OSError if the folder cannot be made or is not on the pods' mount.
         """
+        if mounts.mount_of(self.folder) != mounts.mount_of(self._pods):
+            raise OSError(errno.EXDEV, f"{self.folder} is not on the mount of {self._pods}")
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         os.chmod(self.folder, 0o700)
         for name in os.listdir(self.folder):
             _rmdir_quietly(os.path.join(self.folder, name))
-        if mounts.mount_of(self.folder) != mounts.mount_of(self._pods):
-            raise OSError(errno.EXDEV, f"{self.folder} is not on the mount of {self._pods}")
         threading.Thread(target=self._keep_filled, name="csi-targets", daemon=True).start()
         return self
 

@@ -293,7 +293,7 @@ def pod_token(tokens: str | None, audience: str) -> SecretBuffer:
         )
     try:
         parsed = json.loads(tokens)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     finally:
         scrub_str(tokens)

@@ -83,31 +83,34 @@ class _Waiting:
 
     def __init__(self) -> None:
         self.count = 0
-        self._last_end = 0.0
+        self._last_change = 0.0
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def during(self) -> Iterator[None]:
         with self._lock:
             self.count += 1
+            self._last_change = time.monotonic()
         try:
             yield
         finally:
             with self._lock:
                 self.count -= 1
-                self._last_end = time.monotonic()
+                self._last_change = time.monotonic()
 
     def wait_quiet(self, seconds: float) -> None:
-        """Return once no call has been in progress for `seconds`.
+        """Return once no call has started or ended for `seconds`.
 
+        A call that is under way but waiting (on the API server, on a
+        filesystem that stopped answering) does not keep it from returning.
         It polls rather than being woken, so that the end of a call, when
         its answer is on the way out, wakes no other thread.
         """
         while True:
             with self._lock:
-                left = self._last_end + seconds - time.monotonic()
-                if not self.count and left <= 0:
-                    return
+                left = self._last_change + seconds - time.monotonic()
+            if left <= 0:
+                return
             time.sleep(max(left, seconds / 4))
 
 

@@ -9,8 +9,8 @@ exception: it is built and added on the caller's thread (see SecretFS).
 A new volume's directory is one the kernel already knows: a thread of its
 own keeps spare directories made and looked up ahead of need, so the bind
 mount that follows a publish costs no round trip through this process. The
-thread works only while the driver is quiet: during a burst of publishes it
-would slow each one down by as much as it saves.
+thread works only while calls neither start nor end: during a burst of
+publishes it would slow each one down by as much as it saves.
 
 The split matters twice over. A system call that touches the mount (a bind
 mount of a source inside it, a stat, an umount) needs the FUSE thread to
@@ -52,7 +52,7 @@ MAX_TASKS = 64
 # directories, each a lookup slower to mount.
 SPARES = 256
 
-# Spares are made once no CSI call has been under way for this long.
+# Spares are made once no CSI call has started or ended for this long.
 QUIET_SECONDS = 0.05
 
 

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import stat
+import uuid
 from pathlib import Path
 
 import grpc
@@ -398,3 +399,29 @@ def test_parents_the_driver_had_to_make_go_at_unpublish_and_no_further(
     kubelet.unpublish(volume)
 
     assert sorted(p.name for p in pod.iterdir()) == ["keep"]
+
+
+def test_a_failed_publish_removes_every_parent_it_made(kubelet: Kubelet) -> None:
+    volume = kubelet.volume("no-such-secret")
+    pod = volume.target.parents[3]
+    shutil.rmtree(pod / "volumes")
+
+    assert code_of(kubelet.publish, volume) == grpc.StatusCode.NOT_FOUND
+
+    assert list(pod.iterdir()) == []
+
+
+def test_volumes_of_one_pod_published_at_once_share_the_parents_made_for_them(
+    kubelet: Kubelet, db: dict[str, bytes]
+) -> None:
+    codes = []
+    for _ in range(5):  # the race for a shared parent is won or lost in microseconds
+        pod_uid = str(uuid.uuid4())
+        volumes = [kubelet.volume("db", pod_uid=pod_uid, name=f"v{i}") for i in range(16)]
+        shutil.rmtree(volumes[0].target.parents[3] / "volumes")
+        with concurrent.futures.ThreadPoolExecutor(len(volumes)) as pool:
+            codes += pool.map(lambda v: code_of(kubelet.publish, v), volumes)
+        for volume in volumes:
+            code_of(kubelet.unpublish, volume)
+
+    assert set(codes) == {grpc.StatusCode.OK}

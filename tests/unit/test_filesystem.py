@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyfuse3
 import pytest
 
 from secretfs.fs.buffer import SecretBuffer
-from secretfs.fs.filesystem import SecretFS, yield_to_calls
+from secretfs.fs.filesystem import SecretFS, wait_for_quiet, yield_to_calls
 from secretfs.fs.tree import Layout, Owner
 
 ROOT = pyfuse3.ROOT_INODE
@@ -420,3 +421,13 @@ def test_handlers_yield_the_interpreter_only_while_a_csi_call_is_under_way(
     run(fs.getattr(inode, None))
 
     assert yields == [0]
+
+
+def test_quiet_means_no_call_started_or_ended_lately_even_with_one_still_waiting() -> None:
+    quiet = 0.05
+    with yield_to_calls():
+        start = time.monotonic()
+        wait_for_quiet(quiet)  # the call goes on, but nothing started or ended since
+        waited = time.monotonic() - start
+
+    assert quiet * 0.9 <= waited < quiet * 4

@@ -207,6 +207,7 @@ def test_the_pods_token_becomes_a_bearer_authorization() -> None:
         (json.dumps({"": {"token": "eyJ\r\n\r\nGET / HTTP/1.1"}}), "", "characters a token"),
         (json.dumps({"": {"token": "eyJ \u00e9"}}), "", "characters a token"),
         (json.dumps({"": {"token": "eyJ\ud800"}}), "", "characters a token"),
+        ("[" * 100_000 + "]" * 100_000, "", "no token for audience"),
     ],
     ids=[
         "absent",
@@ -217,6 +218,7 @@ def test_the_pods_token_becomes_a_bearer_authorization() -> None:
         "line breaks",
         "not ASCII",
         "a lone surrogate",
+        "nested too deep",
     ],
 )
 def test_without_a_usable_token_publish_is_invalid_and_names_the_csidriver_setting(
