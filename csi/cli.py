@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(code)
 
 
+# How long calls in progress may take to finish once the driver is told to stop.
+STOP_GRACE_SECONDS = 5
+
+
 class StartupError(Exception):
     """A problem in the environment or the flags; reported without a traceback."""
 
@@ -291,7 +295,10 @@ def serve(args: argparse.Namespace) -> int:
     fuse_died = not stop.is_set()
 
     reader.cancel()  # publishes waiting to retry the API give up now
-    server.stop(grace=5).wait()
+    # Calls get a few seconds to finish, then are cancelled; one stuck in a
+    # system call (on a hung filesystem) never finishes, so this waits for
+    # the server no longer than that.
+    server.stop(grace=STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
     targets.close()
     session.stop()
     _remove_socket(args.endpoint)

@@ -281,6 +281,10 @@ def test_calls_stuck_on_a_filesystem_that_stopped_answering_neither_starve_probe
     hung = new_driver.kubelet_dir / "pods" / "hung"
     hung.mkdir()
     subprocess.run(["mount", "--bind", str(other.state_dir), str(hung)], check=True)
+    # Stopped mid-lookup, the other driver would hold its root's inode lock,
+    # which the kernel waits for without a way to be killed: let it finish
+    # making its spare directories first.
+    time.sleep(1.0)
     other.process.send_signal(signal.SIGSTOP)
     try:
         requests = [
