@@ -200,8 +200,8 @@ def serve(args: argparse.Namespace) -> int:
     from secretfs.csi.targets import TargetPool
     from secretfs.fs.binding import PodBinding, cgroup2_mount
     from secretfs.fs.buffer import live_bytes
-    from secretfs.fs.filesystem import SecretFS, wait_for_quiet
-    from secretfs.fs.session import QUIET_SECONDS, FuseSession
+    from secretfs.fs.filesystem import SecretFS
+    from secretfs.fs.session import FuseSession
 
     if os.geteuid() != 0:
         raise StartupError("serve needs root: it mounts a FUSE filesystem and bind mounts")
@@ -241,7 +241,6 @@ def serve(args: argparse.Namespace) -> int:
         os.path.join(kubelet_dir, "plugins", args.driver_name, "targets"),
         os.path.join(kubelet_dir, "pods"),
         TARGET_DIR_MODE,
-        lambda: wait_for_quiet(QUIET_SECONDS),
     )
     node = NodeService(args.node_id, kubelet_dir, session, reader, auth, targets)
     identity = IdentityService(

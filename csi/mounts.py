@@ -28,6 +28,16 @@ _libc.mount.argtypes = (
     ctypes.c_void_p,
 )
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.renameat2.argtypes = (
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+)
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1  # fail with EEXIST rather than replace an empty directory
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -135,6 +145,15 @@ def _check(result: int, what: str, path: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what} {path}: {os.strerror(err)}")
+
+
+def rename_noreplace(source: str, target: str) -> None:
+    """Move `source` to `target`, which must not exist: nothing is ever replaced."""
+    _check(
+        _libc.renameat2(AT_FDCWD, source.encode(), AT_FDCWD, target.encode(), RENAME_NOREPLACE),
+        "rename onto",
+        target,
+    )
 
 
 def bind_read_only(source: str, target: str) -> None:

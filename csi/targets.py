@@ -16,32 +16,18 @@ it; a single target on a mount of its own is made with mkdir too.
 
 from __future__ import annotations
 
-import collections
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
+
+from secretfs.fs.ahead import MadeAhead, until_quiet
 
 from . import mounts
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.renameat2.argtypes = (
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-)
-
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1  # fail with EEXIST rather than replace an empty directory
 
 # Directories kept ready: as many as spare volume directories (see
 # secretfs.fs.session), a node's worth of publishes.
@@ -52,26 +38,21 @@ RETRY_SECONDS = 5.0
 
 
 class TargetPool:
-    """Empty directories in `folder`, kept `size` strong by a thread of their own."""
+    """Empty directories in `folder`, kept `size` strong (see secretfs.fs.ahead)."""
 
     def __init__(
         self,
         folder: str,
         pods: str,
         mode: int,
-        wait_for_quiet: Callable[[], None],
         size: int = SIZE,
+        quiet: Callable[[], None] = until_quiet,
     ) -> None:
         self.folder = folder
         self._pods = pods
         self._mode = mode
-        self._wait_for_quiet = wait_for_quiet
-        self._size = size
-        self._ready: collections.deque[str] = collections.deque()
-        self._low = threading.Condition()
         self._names = itertools.count(1)
-        self._enabled = True
-        self._stopping = False
+        self._ready = MadeAhead("csi-targets", self._make, _rmdir_quietly, size, quiet)
 
     def start(self) -> TargetPool:
         """Clear what an earlier run left in the folder, then keep it filled.
@@ -84,13 +65,12 @@ class TargetPool:
         os.chmod(self.folder, 0o700)
         for name in os.listdir(self.folder):
             _rmdir_quietly(os.path.join(self.folder, name))
-        threading.Thread(target=self._keep_filled, name="csi-targets", daemon=True).start()
+        self._ready.start()
         return self
 
     @property
     def ready(self) -> int:
-        with self._low:
-            return len(self._ready)
+        return self._ready.ready
 
     def take(self, target: str) -> bool:
         """Move a ready directory to `target`; False if none could be moved there.
@@ -98,48 +78,22 @@ class TargetPool:
         Nothing is ever replaced: an existing `target`, even an empty
         directory, stays as it is and the answer is False.
         """
-        with self._low:
-            if not self._ready:
-                return False
-            source = self._ready.popleft()
-            self._low.notify()
-        if _rename_noreplace(source, target) == 0:
-            return True
-        self._give_back(source)  # unused: the problem was the target's
-        return False
+        source = self._ready.take()
+        if source is None:
+            return False
+        try:
+            mounts.rename_noreplace(source, target)
+        except OSError:
+            if os.path.isdir(source):
+                self._ready.give_back(source)  # unused: the problem was the target's
+            return False
+        return True
 
     def close(self) -> None:
-        self._disable()
+        self._ready.close()
 
-    def _give_back(self, path: str) -> None:
-        if not os.path.isdir(path):
-            return
-        with self._low:
-            if self._enabled and len(self._ready) < self._size:
-                self._ready.appendleft(path)
-                return
-        _rmdir_quietly(path)  # replaced meanwhile: one too many
-
-    def _disable(self) -> None:
-        with self._low:
-            self._enabled = False
-            self._stopping = True
-            ready, self._ready = list(self._ready), collections.deque()
-            self._low.notify()
-        for path in ready:
-            _rmdir_quietly(path)
-
-    def _keep_filled(self) -> None:
-        while True:
-            with self._low:
-                while len(self._ready) >= self._size and not self._stopping:
-                    self._low.wait()
-                if self._stopping:
-                    return
-            self._wait_for_quiet()
-            with self._low:
-                if len(self._ready) >= self._size:
-                    continue  # one given back meanwhile
+    def _make(self) -> str | None:
+        while not self._ready.closed:
             path = os.path.join(self.folder, str(next(self._names)))
             try:
                 os.mkdir(path, self._mode)
@@ -150,20 +104,8 @@ class TargetPool:
                 log.warning("cannot make target directories ahead in %s: %s", self.folder, exc)
                 time.sleep(RETRY_SECONDS)
                 continue
-            with self._low:
-                if self._enabled and len(self._ready) < self._size:
-                    self._ready.append(path)
-                    continue
-                enabled = self._enabled
-            _rmdir_quietly(path)  # turned off, or one given back meanwhile
-            if not enabled:
-                return
-
-
-def _rename_noreplace(source: str, target: str) -> int:
-    return int(
-        _libc.renameat2(AT_FDCWD, source.encode(), AT_FDCWD, target.encode(), RENAME_NOREPLACE)
-    )
+            return path
+        return None
 
 
 def _rmdir_quietly(path: str) -> None:

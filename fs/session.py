@@ -6,11 +6,10 @@ mounts) runs elsewhere and reaches the filesystem through `call`, which runs
 a function on the FUSE thread between two requests. Adding a volume is the
 exception: it is built and added on the caller's thread (see SecretFS).
 
-A new volume's directory is one the kernel already knows: a thread of its
-own keeps spare directories made and looked up ahead of need, so the bind
-mount that follows a publish costs no round trip through this process. The
-thread works only while calls neither start nor end: during a burst of
-publishes it would slow each one down by as much as it saves.
+A new volume's directory is one the kernel already knows: spare
+directories are made and looked up ahead of need (see secretfs.fs.ahead),
+so the bind mount that follows a publish costs no round trip through this
+process.
 
 The split matters twice over. A system call that touches the mount (a bind
 mount of a source inside it, a stat, an umount) needs the FUSE thread to
@@ -20,7 +19,6 @@ FUSE thread can never interleave with a request being served.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -35,8 +33,9 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
+from .ahead import QUIET_SECONDS, MadeAhead
 from .buffer import SecretBuffer
-from .filesystem import FileSystemClosedError, SecretFS, wait_for_quiet
+from .filesystem import FileSystemClosedError, SecretFS
 from .tree import Layout
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,6 @@ MAX_TASKS = 64
 # directories, each a lookup slower to mount.
 SPARES = 256
 
-# Spares are made once no CSI call has started or ended for this long.
-QUIET_SECONDS = 0.05
-
 
 class FuseSession:
     def __init__(self, fs: SecretFS, mountpoint: str) -> None:
@@ -68,9 +64,7 @@ class FuseSession:
         self._probe: concurrent.futures.Future[bool] | None = None
         self._probe_lock = threading.Lock()
         self._names = itertools.count(1)  # volume directory names are never reused
-        self._spares: collections.deque[str] = collections.deque()
-        self._spares_low = threading.Condition()
-        self._stopping = False
+        self._spares = MadeAhead("fuse-spares", self._make_spare, self.remove_volume, SPARES)
 
     def start(self, timeout: float = 10.0) -> None:
         """Mount and start serving; raises what the mount raised."""
@@ -79,7 +73,7 @@ class FuseSession:
             raise TimeoutError(f"FUSE session at {self.mountpoint} did not start in {timeout}s")
         if self._error is not None:
             raise self._error
-        threading.Thread(target=self._keep_spares, name="fuse-spares", daemon=True).start()
+        self._spares.start()
 
     @property
     def alive(self) -> bool:
@@ -88,8 +82,7 @@ class FuseSession:
     @property
     def spares_ready(self) -> int:
         """Spare volume directories made and known to the kernel, waiting for a volume."""
-        with self._spares_low:
-            return len(self._spares)
+        return self._spares.ready
 
     def responsive(self, timeout: float = 2.0) -> bool:
         """True if the mount answers a lookup within `timeout`.
@@ -122,21 +115,12 @@ class FuseSession:
 
     def reserve(self) -> str:
         """A name for a new volume: a spare's if one is ready. See `add_volume`, `release`."""
-        with self._spares_low:
-            self._spares_low.notify()
-            if self._spares:
-                return self._spares.popleft()
-            return self._new_name()
+        return self._spares.take() or self._new_name()
 
     def release(self, name: str) -> None:
         """Give back a reserved name that never became a volume."""
-        if not self.fs.is_spare(name):
-            return
-        with self._spares_low:
-            if len(self._spares) < SPARES:
-                self._spares.appendleft(name)
-                return
-        self.remove_volume(name)  # replaced meanwhile: one too many
+        if self.fs.is_spare(name):
+            self._spares.give_back(name)
 
     def add_volume(self, name: str, files: Mapping[str, SecretBuffer], layout: Layout) -> None:
         """Expose `files` as volume `name`, a name from `reserve`.
@@ -191,9 +175,7 @@ class FuseSession:
 
     def stop(self) -> None:
         """Wipe every volume, stop serving and unmount. Safe to call twice."""
-        with self._spares_low:
-            self._stopping = True
-            self._spares_low.notify()
+        self._spares.close()
         if self._token is not None:
             try:
                 wiped = self.call(self.fs.remove_all)
@@ -209,38 +191,24 @@ class FuseSession:
     def _new_name(self) -> str:
         return str(next(self._names))
 
-    def _keep_spares(self) -> None:
-        """Keep SPARES spare directories made and cached by the kernel."""
-        while True:
-            with self._spares_low:
-                while len(self._spares) >= SPARES and not self._stopping:
-                    self._spares_low.wait()
-            wait_for_quiet(QUIET_SECONDS)
-            with self._spares_low:
-                if self._stopping:
-                    return
-                if len(self._spares) >= SPARES:
-                    continue  # one given back meanwhile
-                name = self._new_name()
+    def _make_spare(self) -> str | None:
+        """A spare directory the kernel has cached; None once the session is gone."""
+        while self.alive:
+            name = self._new_name()
             try:
                 self.fs.add_spare(name)
             except FileSystemClosedError:
-                return
+                return None
             try:
                 # The lookup that makes the kernel cache the directory: here,
                 # on a thread of its own, never on the FUSE thread.
                 os.stat(os.path.join(self.mountpoint, name))
             except OSError as exc:
-                if self._stopping or not self.alive:
-                    return
                 log.warning("making a spare directory failed: %s; trying again", exc.strerror)
                 time.sleep(QUIET_SECONDS)
                 continue
-            with self._spares_low:
-                if len(self._spares) < SPARES:
-                    self._spares.append(name)
-                    continue
-            self.remove_volume(name)  # one given back meanwhile
+            return name
+        return None
 
     def _run(self) -> None:
         try:

@@ -16,6 +16,11 @@ from secretfs.csi.targets import TargetPool
 SIZE = 4
 
 
+def new_pool(folder: Path, pods: Path) -> TargetPool:
+    """A pool of SIZE that makes its directories without waiting for a quiet moment."""
+    return TargetPool(str(folder), str(pods), 0o750, size=SIZE, quiet=lambda: None)
+
+
 def wait_until_ready(pool: TargetPool, count: int = SIZE) -> None:
     deadline = time.monotonic() + 5
     while pool.ready < count:
@@ -33,7 +38,7 @@ def settled(folder: Path) -> int:
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[TargetPool]:
-    pool = TargetPool(str(tmp_path / "pool"), str(tmp_path), 0o750, lambda: None, size=SIZE).start()
+    pool = new_pool(tmp_path / "pool", tmp_path).start()
     wait_until_ready(pool)
     yield pool
     pool.close()
@@ -41,7 +46,7 @@ def pool(tmp_path: Path) -> Iterator[TargetPool]:
 
 def test_start_clears_what_an_earlier_run_left_and_fills_the_folder(tmp_path: Path) -> None:
     (tmp_path / "pool" / "old").mkdir(parents=True)
-    pool = TargetPool(str(tmp_path / "pool"), str(tmp_path), 0o750, lambda: None, size=SIZE).start()
+    pool = new_pool(tmp_path / "pool", tmp_path).start()
     try:
         wait_until_ready(pool)
         made = sorted((tmp_path / "pool").iterdir())
@@ -116,7 +121,7 @@ def test_a_target_on_a_mount_of_its_own_is_left_to_the_caller_and_the_pool_stays
 def test_a_pool_whose_folder_is_not_on_the_pods_mount_does_not_start(
     tmp_path: Path, other_mount: Path
 ) -> None:
-    pool = TargetPool(str(tmp_path / "pool"), str(other_mount), 0o750, lambda: None, size=SIZE)
+    pool = new_pool(tmp_path / "pool", other_mount)
 
     with pytest.raises(OSError, match="not on the mount"):
         pool.start()
