@@ -20,7 +20,15 @@ import pytest
 from secretfs.csi.node import NODE_CALL_LIMIT
 from secretfs.csi.pb import csi_pb2
 from tests.fakeapi import FakeKubeAPI, Fault
-from tests.harness import Driver, Kubelet, code_of, crash_with_a_volume, mounts_below, read_as
+from tests.harness import (
+    Driver,
+    Kubelet,
+    Volume,
+    code_of,
+    crash_with_a_volume,
+    mounts_below,
+    read_as,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -28,6 +36,20 @@ pytestmark = pytest.mark.fuse
 @pytest.fixture(autouse=True)
 def _secret(api: FakeKubeAPI) -> None:
     api.set_secret("default", "db", {"password": b"hunter2"})
+
+
+def stop_during_publish(
+    driver: Driver, kubelet: Kubelet, volume: Volume
+) -> tuple[grpc.StatusCode, float]:
+    """SIGTERM the driver half a second into a publish of `volume`: the code the
+    publish ended with, and how long the driver took to exit (asserted 0)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        publish = pool.submit(code_of, kubelet.publish, volume)
+        time.sleep(0.5)
+        start = time.monotonic()
+        assert driver.stop() == 0
+        stopped_in = time.monotonic() - start
+        return publish.result(), stopped_in
 
 
 def test_a_symlinked_kubelet_dir_publishes_once_and_unpublishes_cleanly(
@@ -133,13 +155,9 @@ def test_sigterm_ends_a_publish_that_is_retrying_the_api(
     kubelet = Kubelet(new_driver.start())
     api.inject(Fault(status=503, times=100_000, path="/secrets/down"))
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        publish = pool.submit(code_of, kubelet.publish, kubelet.volume("down"))
-        time.sleep(0.5)
-        start = time.monotonic()
-        assert new_driver.stop() == 0
-        stopped_in = time.monotonic() - start
-        assert publish.result() == grpc.StatusCode.UNAVAILABLE
+    code, stopped_in = stop_during_publish(new_driver, kubelet, kubelet.volume("down"))
+
+    assert code == grpc.StatusCode.UNAVAILABLE
 
     assert stopped_in < 8.0
 
@@ -153,14 +171,9 @@ def test_sigterm_cuts_a_publish_waiting_for_the_api_to_answer_and_nothing_is_add
     api.inject(Fault(delay=8, path="/secrets/slow"))
     volume = kubelet.volume("slow")
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        publish = pool.submit(code_of, kubelet.publish, volume)
-        time.sleep(0.5)
-        start = time.monotonic()
-        assert new_driver.stop() == 0
-        stopped_in = time.monotonic() - start
-        assert publish.result() == grpc.StatusCode.UNAVAILABLE
+    code, stopped_in = stop_during_publish(new_driver, kubelet, volume)
 
+    assert code == grpc.StatusCode.UNAVAILABLE
     assert stopped_in < 3.0  # not the 8 s the answer would have taken
     assert mounts_below(volume.target.parent) == []
     last = new_driver.logs.strip().splitlines()[-1]
@@ -333,17 +346,12 @@ def test_sigterm_cuts_a_publish_whose_tls_handshake_never_ends(
     kubelet = Kubelet(new_driver.start())
     volume = kubelet.volume("db")
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            publish = pool.submit(code_of, kubelet.publish, volume)
-            time.sleep(0.5)
-            start = time.monotonic()
-            assert new_driver.stop() == 0
-            stopped_in = time.monotonic() - start
-            assert publish.result() == grpc.StatusCode.UNAVAILABLE
+        code, stopped_in = stop_during_publish(new_driver, kubelet, volume)
     finally:
         for sock in [silent, *accepted]:
             sock.close()
 
+    assert code == grpc.StatusCode.UNAVAILABLE
     assert accepted  # the handshake had begun
     assert stopped_in < 3.0  # not the 10 s a request may take
     assert mounts_below(volume.target.parent) == []
