@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--driver-name",
         default=DEFAULT_DRIVER_NAME,
+        type=_driver_name,
         help="CSI driver name; must match the CSIDriver object (default: %(default)s)",
     )
     serve.add_argument(
@@ -131,6 +133,20 @@ def parser() -> argparse.ArgumentParser:
         "Secret data and tokens are never logged",
     )
     return top
+
+
+# CSI: domain name notation, at most 63 characters, alphanumeric at both ends.
+_DRIVER_NAME = re.compile(r"[A-Za-z0-9]([-.A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+def _driver_name(text: str) -> str:
+    # The name also becomes a folder under the kubelet's plugins/.
+    if not _DRIVER_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a CSI driver name: at most 63 letters, digits, dashes and "
+            "dots, beginning and ending with a letter or digit"
+        )
+    return text
 
 
 def _positive_seconds(text: str) -> float:
@@ -298,8 +314,8 @@ def serve(args: argparse.Namespace) -> int:
     # system call (on a hung filesystem) never finishes, so this waits for
     # the server no longer than that.
     server.stop(grace=STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
+    session.stop()  # secrets first: the kubelet's disk may be slow to answer below
     targets.close()
-    session.stop()
     _remove_socket(args.endpoint)
     log.info("stopped; the %d volumes published at the time are wiped", node.published_count())
     return 1 if fuse_died else 0

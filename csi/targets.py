@@ -97,14 +97,20 @@ class TargetPool:
             path = os.path.join(self.folder, str(next(self._names)))
             try:
                 os.mkdir(path, self._mode)
+                return path
             except FileExistsError:
                 continue  # something an earlier run left and could not remove
+            except FileNotFoundError:
+                try:
+                    os.makedirs(self.folder, mode=0o700, exist_ok=True)  # removed behind our back
+                    continue
+                except OSError as exc:
+                    failure = exc
             except OSError as exc:
-                # A full disk, say: publishes make their own meanwhile.
-                log.warning("cannot make target directories ahead in %s: %s", self.folder, exc)
-                time.sleep(RETRY_SECONDS)
-                continue
-            return path
+                failure = exc
+            # A full disk, say: publishes make their own meanwhile.
+            log.warning("cannot make target directories ahead in %s: %s", self.folder, failure)
+            time.sleep(RETRY_SECONDS)
         return None
 
 

@@ -33,7 +33,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from .ahead import QUIET_SECONDS, MadeAhead
+from .ahead import MadeAhead
 from .buffer import SecretBuffer
 from .filesystem import FileSystemClosedError, SecretFS
 from .tree import Layout
@@ -50,6 +50,9 @@ MAX_TASKS = 64
 # few hundred bytes each here and in the kernel. A burst beyond them gets new
 # directories, each a lookup slower to mount.
 SPARES = 256
+
+# Pause before trying again when the kernel could not look a spare up.
+SPARE_RETRY_SECONDS = 1.0
 
 
 class FuseSession:
@@ -205,7 +208,8 @@ class FuseSession:
                 os.stat(os.path.join(self.mountpoint, name))
             except OSError as exc:
                 log.warning("making a spare directory failed: %s; trying again", exc.strerror)
-                time.sleep(QUIET_SECONDS)
+                self.remove_volume(name)
+                time.sleep(SPARE_RETRY_SECONDS)
                 continue
             return name
         return None

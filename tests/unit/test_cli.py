@@ -152,3 +152,19 @@ def test_an_unexpected_error_is_told_by_type_and_place_never_by_message() -> Non
 
     assert text.startswith("ValueError at test_cli.py:")
     assert "parse" in text and "aHVudGVyMg" not in text
+
+
+@pytest.mark.parametrize("name", ["../..", "a/b", "-secretfs", "x" * 64, "", "secretfs.csi.io."])
+def test_a_driver_name_that_is_not_a_csi_name_is_refused(name: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.parser().parse_args(["serve", "--node-id", "n", "--driver-name", name])
+
+    assert exit_.value.code == 2
+
+
+def test_a_csi_driver_name_is_taken_as_given() -> None:
+    args = cli.parser().parse_args(
+        ["serve", "--node-id", "n", "--driver-name", "Secrets-2.example.com"]
+    )
+
+    assert args.driver_name == "Secrets-2.example.com"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -138,3 +139,15 @@ def test_the_pool_never_holds_more_than_its_size(pool: TargetPool, tmp_path: Pat
         assert pool.ready <= SIZE
 
     assert settled(tmp_path / "pool") == SIZE
+
+
+def test_a_folder_removed_behind_the_pools_back_is_made_again(
+    pool: TargetPool, tmp_path: Path
+) -> None:
+    shutil.rmtree(tmp_path / "pool")
+    for _ in range(SIZE):  # the directories it had are gone with the folder
+        assert not pool.take(str(tmp_path / "gone"))
+
+    wait_until_ready(pool)
+    assert pool.take(str(tmp_path / "here"))
+    assert (tmp_path / "here").is_dir() and (tmp_path / "pool").is_dir()
